@@ -1,0 +1,1 @@
+"""Benchmarks on the GPU: harness, suites, report."""

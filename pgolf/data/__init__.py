@@ -1,0 +1,1 @@
+"""Tokenizer, contest shards, corpus conversion and per-rank loading."""

@@ -1,0 +1,1 @@
+"""Exact val_bpb, sliding windows, test-time training, leak checks."""

@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its eager PyTorch reference with the same signature."""

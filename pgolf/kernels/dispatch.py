@@ -1,0 +1,57 @@
+"""Pick the Triton kernel or the eager reference for a call.
+
+`PGOLF_KERNELS=auto` (default) uses Triton on CUDA tensors when Triton imports, the reference elsewhere;
+`reference` forces the eager path everywhere (the "eager/compile only" baseline); `triton` forces Triton,
+which on CPU tensors only works under `TRITON_INTERPRET=1` (how the CPU tests run the kernels).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+_SAID: set[str] = set()
+
+
+def say_once(key: str, message: str) -> None:
+    """Warn about a fallback once per process, not once per call."""
+    if key not in _SAID:
+        _SAID.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def mode() -> str:
+    value = os.environ.get("PGOLF_KERNELS", "auto").lower()
+    if value not in ("auto", "reference", "triton"):
+        raise ValueError(f"PGOLF_KERNELS must be auto, reference or triton, not {value!r}")
+    return value
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when the Triton kernel should handle a call on `tensor`."""
+    m = mode()
+    if m == "reference":
+        return False
+    if not triton_available():
+        if m == "triton" or tensor.is_cuda:
+            say_once("no-triton", "pgolf: Triton is not importable; using the eager PyTorch kernels")
+        return False
+    if tensor.is_cuda:
+        return True
+    return m == "triton" and interpreting()

@@ -1,0 +1,1 @@
+"""The GPT and its switches; presets are data."""

@@ -1,0 +1,1 @@
+"""Hessians, GPTQ, clipping, low-bit packing, compression and the artifact."""
