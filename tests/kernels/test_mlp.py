@@ -1,0 +1,103 @@
+"""The fused MLP's Triton kernels (through the interpreter on CPU) against the eager reference, forward and backward."""
+import pytest
+import torch
+
+from pgolf.kernels import mlp
+from pgolf.kernels.mlp import down_grad_act, fused_mlp, mlp_reference, sign_bytes, up_act
+
+
+@pytest.fixture(autouse=True)
+def _triton(monkeypatch):
+    monkeypatch.setenv("PGOLF_KERNELS", "triton")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "NaN/inf in the kernel's result"
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def weights(dim: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    w_up = (torch.randn(hidden, dim) / dim**0.5).to(dtype).requires_grad_()
+    w_down = (torch.randn(dim, hidden) / hidden**0.5).to(dtype).requires_grad_()
+    return w_up, w_down
+
+
+# token counts, widths and hidden sizes off the 32-blocks of the interpreter config; hidden 44 and 20 leave a
+# partial byte of sign bits; (3, 5) is a batch of sequences
+@pytest.mark.parametrize("lead,dim,hidden", [((50,), 40, 84), ((3, 5), 24, 44), ((33,), 16, 20)])
+@pytest.mark.parametrize("slope", [0.5, 0.0])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_matches_reference_forward_backward(lead, dim, hidden, slope, dtype, tol):
+    x = torch.randn(*lead, dim).to(dtype).requires_grad_()
+    w_up, w_down = weights(dim, hidden, dtype)
+    out = fused_mlp(x, w_up, w_down, slope)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w_up, w_down), grad)
+
+    ref_in = [t.detach().double().requires_grad_() for t in (x, w_up, w_down)]
+    ref = mlp_reference(*ref_in, slope)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel(out, ref) < tol
+    for name, g, r in zip(("dx", "dw_up", "dw_down"), grads, ref_grads):
+        assert g.shape == r.shape
+        assert rel(g, r) < tol, name
+
+
+def test_saved_state_is_act_and_sign_bits():
+    x = torch.randn(37, 24)
+    w_up, _ = weights(24, 44, torch.float32)
+    act, signs = up_act(x, w_up.detach(), 0.5)
+    pre = x @ w_up.detach().t()
+    assert rel(act, torch.where(pre > 0, pre, 0.5 * pre) ** 2) < 1e-6
+    assert signs.dtype == torch.uint8 and signs.shape == (37, sign_bytes(44))
+    bits = (signs[:, :, None].long() >> torch.arange(8)) & 1
+    assert torch.equal(bits.reshape(37, -1)[:, :44].bool(), pre > 0)
+    assert (bits.reshape(37, -1)[:, 44:] == 0).all()
+    act0, signs0 = up_act(x, w_up.detach(), 0.0)
+    assert signs0.numel() == 0 and rel(act0, torch.relu(pre) ** 2) < 1e-6
+
+
+def test_grad_of_act_from_saved_state():
+    x, dout = torch.randn(29, 24), torch.randn(29, 24)
+    w_up, w_down = (w.detach() for w in weights(24, 40, torch.float32))
+    act, signs = up_act(x, w_up, 0.5)
+    pre = x @ w_up.t()
+    expected = (dout @ w_down) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+    assert rel(down_grad_act(dout, w_down, act, signs, 0.5), expected) < 1e-5
+
+
+def test_no_grad_forward_skips_sign_bits_and_matches():
+    x = torch.randn(21, 24)
+    w_up, w_down = (w.detach() for w in weights(24, 44, torch.float32))
+    with torch.no_grad():
+        out = fused_mlp(x, w_up, w_down)
+    assert rel(out, mlp_reference(x, w_up, w_down)) < 1e-5
+
+
+def test_only_weight_grads():
+    x = torch.randn(19, 24)
+    w_up, w_down = weights(24, 44, torch.float32)
+    fused_mlp(x, w_up, w_down).square().sum().backward()
+    ref_w = [w.detach().clone().requires_grad_() for w in (w_up, w_down)]
+    mlp_reference(x, *ref_w).square().sum().backward()
+    assert rel(w_up.grad, ref_w[0].grad) < 1e-5 and rel(w_down.grad, ref_w[1].grad) < 1e-5
+
+
+def test_bad_shapes_name_the_file():
+    with pytest.raises(ValueError, match="mlp.py"):
+        fused_mlp(torch.randn(4, 24), torch.randn(44, 25), torch.randn(24, 44))
+
+
+def test_custom_op_registration_and_compile_tracing():
+    x = torch.randn(37, 24, requires_grad=True)
+    w_up, w_down = weights(24, 44, torch.float32)
+    result = torch.library.opcheck(torch.ops.pgolf.mlp_forward.default, (x, w_up, w_down, 0.5, True))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    compiled = torch.compile(lambda a, b, c: mlp.fused_mlp(a, b, c, 0.5), backend="aot_eager", fullgraph=True)
+    out = compiled(x, w_up, w_down)
+    out.sum().backward()
+    ref_in = [t.detach().clone().requires_grad_() for t in (x, w_up, w_down)]
+    mlp_reference(*ref_in, 0.5).sum().backward()
+    assert rel(out, mlp_reference(*(t.detach() for t in ref_in))) < 1e-5
+    assert rel(x.grad, ref_in[0].grad) < 1e-5
