@@ -49,6 +49,14 @@ def _parse_value(kind: Any, text: str) -> Any:
     raise TypeError(f"unsupported config type {kind!r}")
 
 
+def parse_field(cls: type, name: str, text: str) -> Any:
+    """`text` parsed as the type of field `name` of dataclass `cls`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ValueError(f"{cls.__name__} has no field {name!r}")
+    return _parse_value(_field_type(cls, fields[name]), text)
+
+
 def env_name(name: str, prefix: str = "") -> str:
     return (prefix + name).upper()
 

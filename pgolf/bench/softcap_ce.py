@@ -20,16 +20,18 @@ from pgolf.bench.harness import measure_ceilings, median_ms, peak_memory_mb, row
 
 DIM, VOCAB, CAP = 512, 8192, 30.0
 TOKENS = (98_304, 24_576)
-CHUNK_VARIANTS = (8192, 32768, 0)
+VARIANTS = ((16384, False), (8192, False), (32768, False), (0, False), (16384, True), (8192, True), (24576, True))
 
 
-def _with_chunk(rows: int) -> Callable:
+def _variant(rows: int, overlap: bool) -> Callable:
+    """The pgolf loss with another chunk size / stream overlap than the module's defaults."""
     def loss(h, w, t, reduction="mean"):
-        old, ce.CHUNK_ROWS = ce.CHUNK_ROWS, rows
+        old = ce.CHUNK_ROWS, ce.OVERLAP_STREAMS
+        ce.CHUNK_ROWS, ce.OVERLAP_STREAMS = rows, overlap
         try:
             return ce.softcap_cross_entropy(h, w, t, CAP, reduction)
         finally:
-            ce.CHUNK_ROWS = old
+            ce.CHUNK_ROWS, ce.OVERLAP_STREAMS = old
     return loss
 
 
@@ -45,9 +47,10 @@ def _liger() -> Callable | None:
 def _impls() -> dict[str, Callable]:
     reference = lambda h, w, t, reduction="mean": ce.softcap_cross_entropy_reference(h, w, t, CAP, reduction)  # noqa
     impls = {"pgolf": lambda h, w, t, reduction="mean": ce.softcap_cross_entropy(h, w, t, CAP, reduction)}
-    for rows in CHUNK_VARIANTS:
-        if rows != ce.CHUNK_ROWS:
-            impls["pgolf-full" if rows == 0 else f"pgolf-chunk{rows}"] = _with_chunk(rows)
+    for rows, overlap in VARIANTS:
+        if (rows, overlap) != (ce.CHUNK_ROWS, ce.OVERLAP_STREAMS):
+            name = "pgolf-full" if rows == 0 else f"pgolf-chunk{rows}" + ("-overlap" if overlap else "")
+            impls[name] = _variant(rows, overlap)
     impls["eager"] = reference
     impls["compile"] = torch.compile(reference, dynamic=False)
     liger = _liger()
@@ -65,6 +68,9 @@ def bench_shape(tokens: int, ceilings: dict[str, float], impls: dict[str, Callab
     flops = 2 * tokens * DIM * VOCAB
     rows = []
     for name, fn in impls.items():
+        if name.startswith("pgolf-") and tokens != TOKENS[0]:
+            continue  # the tuning variants only at the record shape
+
         def step(fn=fn):
             return torch.autograd.grad(fn(h, w, t), (h, w))
 

@@ -276,22 +276,40 @@ def _encode_batch(item: tuple[str, list[str]]) -> tuple[str, np.ndarray, int]:
     return split, out, len(texts)
 
 
+class _Slots:
+    """Bounds the batches in flight between the reader (the pool's task thread) and the writer, and lets the
+    writer stop the reader on an error instead of leaving it blocked."""
+
+    def __init__(self, n: int):
+        self._sem = threading.Semaphore(n)
+        self.stopped = False
+
+    def acquire(self) -> bool:
+        self._sem.acquire()
+        return not self.stopped
+
+    def release(self) -> None:
+        self._sem.release()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._sem.release()
+
+
 def _batches(stream: Iterator[tuple[str, str]], batch_docs: int,
-             slots: threading.Semaphore | None) -> Iterator[tuple[str, list[str]]]:
-    """Group consecutive same-split documents; `slots` bounds the batches in flight (backpressure)."""
+             slots: _Slots | None) -> Iterator[tuple[str, list[str]]]:
+    """Group consecutive same-split documents into work items."""
     batch: list[str] = []
     split = None
     for doc_split, text in stream:
         if batch and (doc_split != split or len(batch) >= batch_docs):
-            if slots is not None:
-                slots.acquire()
+            if slots is not None and not slots.acquire():
+                return
             yield split, batch
             batch = []
         split = doc_split
         batch.append(text)
-    if batch:
-        if slots is not None:
-            slots.acquire()
+    if batch and (slots is None or slots.acquire()):
         yield split, batch
 
 
@@ -390,7 +408,7 @@ def prepare(cfg: DataConfig) -> dict:
     pool = None
     try:
         if workers > 1:
-            slots = threading.Semaphore(4 * workers)
+            slots = _Slots(4 * workers)
             pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(str(tok_path),))
             results = pool.imap(_encode_batch, _batches(stream(), cfg.batch_docs, slots))
         else:
@@ -412,6 +430,7 @@ def prepare(cfg: DataConfig) -> dict:
     finally:
         bar.close()
         if pool is not None:
+            slots.stop()
             pool.terminate()
             pool.join()
     t2 = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from pgolf import BOS_ID
 from pgolf.data.shards import PathLike, ShardError, list_shards, read_shard
 
 TRAINER_SETTINGS: dict = {
@@ -29,11 +30,10 @@ TRAINER_SETTINGS: dict = {
     "add_dummy_prefix": False,
     "character_coverage": 0.999,
     "pad_id": 0,
-    "bos_id": 1,
+    "bos_id": BOS_ID,
     "eos_id": 2,
     "unk_id": 3,
 }
-VOCAB_SIZES = (1024, 4096, 8192)
 MAX_SENTENCE_BYTES = 16384
 
 

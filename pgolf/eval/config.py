@@ -46,8 +46,9 @@ class EvalConfig:
     # phased LoRA TTT (mode "lora_ttt")
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank per adapted linear layer"})
     lora_alpha: float = field(default=144.0, metadata={"help": "LoRA scale = alpha / rank"})
-    lora_targets: tuple[str, ...] = field(default=("q", "k", "v", "o", "up", "down", "head"), metadata={
-        "help": "adapted layers: q k v o (attention), up down (MLP), head (tied output), or name regexes"})
+    lora_targets: tuple[str, ...] = field(default=("q", "k", "v", "o", "mlp", "head"), metadata={
+        "help": "adapted layers: q k v o (attention projections), mlp (parallel adapter on each MLP), head "
+                "(logits), or regexes of parameter names / 'module:REGEX' of module names"})
     lora_chunk: int = field(default=48, metadata={"help": "targets per LoRA step inside a document"})
     lora_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the LoRA weights"})
     lora_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})

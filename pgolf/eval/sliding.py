@@ -296,11 +296,13 @@ def my_batches(lay: Layout) -> Iterator[int]:
 
 
 def score_layout(forward: Forward, lay: Layout, tokens: np.ndarray, acc, device: torch.device,
-                 use_autocast: bool, recorder: TokenRecorder | None = None, fixed_rows: int | None = None) -> int:
-    """Score this rank's batches of a layout under no_grad into `acc`; returns targets scored here."""
+                 use_autocast: bool, recorder: TokenRecorder | None = None, fixed_rows: int | None = None,
+                 shard: bool = True) -> int:
+    """Score the batches of a layout under no_grad into `acc` (this rank's share, or all of them with
+    shard=False); returns the number of targets scored here."""
     done = 0
     with torch.no_grad():
-        for b in my_batches(lay):
+        for b in my_batches(lay) if shard else range(len(lay.batches)):
             batch = build_batch(lay, b, tokens, device, rows=fixed_rows)
             nll = forward_nll(forward, batch.x, batch.y, use_autocast).reshape(-1)[batch.score_idx]
             acc.add(nll, batch.x.reshape(-1)[batch.score_idx], batch.y.reshape(-1)[batch.score_idx])

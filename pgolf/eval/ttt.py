@@ -106,7 +106,8 @@ def sgd_pass(forward: Forward, params: list[nn.Parameter], opt: torch.optim.Opti
                 with torch.enable_grad(), autocast(device, use_autocast):
                     nll = forward(x_t, targets=y_t, reduction="none").float()
                     loss = (nll * torch.from_numpy(mask).to(device)).sum() / total
-                loss.backward()
+                if loss.requires_grad:  # False when no adapted parameter reaches the loss
+                    loss.backward()
             all_reduce_grads(params)
             for p in params:
                 if p.grad is None:

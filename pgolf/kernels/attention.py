@@ -97,19 +97,20 @@ def backend() -> str:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile of one kernel: block_m query rows by block_n key rows."""
+    """Tile of one kernel: block_m query rows by block_n key rows, for `heads` query heads of one KV group at
+    once (forward and dq stack them into a (heads * block_m)-row tile that shares each K/V tile load)."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    heads: int = 1
 
 
 # Tuned on an H100 (notes/attention.md); the interpreter gets small blocks so tests cross block boundaries.
-FWD_CONFIG = KernelConfig(128, 64, 4, 3)
-DKDV_CONFIG = KernelConfig(64, 128, 8, 3)
-DQ_CONFIG = KernelConfig(128, 64, 8, 3)
-PRE_BLOCK = 64
-INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
+FWD_CONFIG = KernelConfig(64, 64, 8, 3, 2)
+DKDV_CONFIG = KernelConfig(32, 64, 4, 3)
+DQ_CONFIG = KernelConfig(64, 64, 4, 3, 1)
+INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1, 2)
 
 if triton_available():
     import triton
@@ -126,43 +127,51 @@ if triton_available():
         else:
             k = tl.load(k_ptr + cols[:, None] * s_kt + dims[None, :])
             v = tl.load(v_ptr + cols[:, None] * s_vt + dims[None, :])
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k))
         if MASK:
             valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, Y, LSE, C, BOUNDS, T, qk_scale, eps,
-                    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh,
-                    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    XSA: tl.constexpr):
-        h = tl.program_id(0)
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # later (heavier) causal blocks first
-        g = h // GROUP
-        m0 = pid_m * BM
-        rows = m0 + tl.arange(0, BM)
-        row_ok = rows < T
-        dims = tl.arange(0, D)
-        q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
-        doc_start = tl.load(BOUNDS + rows, mask=row_ok, other=0)
+    def _block_walk(T, m0, BOUNDS, BM: tl.constexpr, BN: tl.constexpr):
+        """Key blocks of a query block: from the document start of its first row to its last row. Blocks
+        [0, j_a) reach before some row's own document start, [j_b, n) cross the diagonal; [j_a, j_b) need no mask."""
         last = tl.minimum(m0 + BM, T) - 1
         lo = tl.load(BOUNDS + m0)
-        start_last = tl.load(BOUNDS + last)
         n_blocks = tl.cdiv(last + 1 - lo, BN)
-        # blocks [0, j_a) reach before some row's document start, blocks [j_b, n_blocks) cross the diagonal
-        j_a = tl.cdiv(start_last - lo, BN)
+        j_a = tl.cdiv(tl.load(BOUNDS + last) - lo, BN)
         j_b = tl.maximum((m0 - lo + 1) // BN, j_a)
+        return lo, j_a, j_b, n_blocks
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, Y, LSE, C, BOUNDS, T, qk_scale, eps,
+                    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh,
+                    HQ: tl.constexpr, GROUP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, XSA: tl.constexpr):
+        """One program: HP query heads of one KV group x BM rows, stacked as HP * BM tile rows."""
+        h0 = tl.program_id(0) * HP
+        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BM  # later (heavier) causal blocks first
+        g = h0 // GROUP
+        r = tl.arange(0, HP * BM)
+        rows = m0 + r % BM
+        heads = h0 + r // BM
+        row_ok = rows < T
+        dims = tl.arange(0, D)
+        q = tl.load(Q + rows[:, None] * s_qt + heads[:, None] * s_qh + dims[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        doc_start = tl.load(BOUNDS + rows, mask=row_ok, other=0)
+        lo, j_a, j_b, n_blocks = _block_walk(T, m0, BOUNDS, BM, BN)
         k_ptr = K + g * s_kh
         v_ptr = V + g * s_vh
-        acc = tl.zeros([BM, D], dtype=tl.float32)
-        m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([HP * BM, D], dtype=tl.float32)
+        m_i = tl.full([HP * BM], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([HP * BM], dtype=tl.float32)
         for j in range(0, j_a):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_ptr, v_ptr, lo + j * BN, rows, doc_start, T, qk_scale,
                                       s_kt, s_vt, D, BN, True)
@@ -173,7 +182,7 @@ if triton_available():
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_ptr, v_ptr, lo + j * BN, rows, doc_start, T, qk_scale,
                                       s_kt, s_vt, D, BN, True)
         o = acc / l_i[:, None]
-        tl.store(LSE + h * T + rows, m_i + tl.log2(l_i), mask=row_ok)
+        tl.store(LSE + heads * T + rows, m_i + tl.log2(l_i), mask=row_ok)
         if XSA:
             vs = tl.load(v_ptr + rows[:, None] * s_vt + dims[None, :], mask=row_ok[:, None], other=0.0)
             vs = vs.to(tl.float32)
@@ -181,45 +190,78 @@ if triton_available():
             v_hat = vs * inv[:, None]
             c = tl.sum(o * v_hat, 1)
             o = o - c[:, None] * v_hat
-            tl.store(C + h * T + rows, c, mask=row_ok)
-        tl.store(Y + rows[:, None] * (HQ * D) + h * D + dims[None, :], o.to(Y.dtype.element_ty),
+            tl.store(C + heads * T + rows, c, mask=row_ok)
+        tl.store(Y + rows[:, None] * (HQ * D) + heads[:, None] * D + dims[None, :], o.to(Y.dtype.element_ty),
                  mask=row_ok[:, None])
 
+    @triton.jit
+    def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, n, rows, doc_start, T, qk_scale, s_kt, s_vt,
+                 D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr):
+        cols = n + tl.arange(0, BN)
+        dims = tl.arange(0, D)
+        if MASK:
+            k = tl.load(k_ptr + cols[:, None] * s_kt + dims[None, :], mask=(cols < T)[:, None], other=0.0)
+            v = tl.load(v_ptr + cols[:, None] * s_vt + dims[None, :], mask=(cols < T)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + cols[:, None] * s_kt + dims[None, :])
+            v = tl.load(v_ptr + cols[:, None] * s_vt + dims[None, :])
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        if MASK:
+            valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+        return dq
 
     @triton.jit
-    def _bwd_pre_kernel(DY, Y, V, C, DO, DELTA, DVX, T, eps, s_vt, s_vh,
-                        HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-                        XSA: tl.constexpr):
-        """delta = rowsum(dy * y), which equals do . o since the XSA projection is symmetric and idempotent.
-        With XSA also do = dy - (dy . v̂) v̂ and the gradient into v through v̂, summed over the group's heads."""
-        g = tl.program_id(0)
-        rows = tl.program_id(1) * BT + tl.arange(0, BT)
+    def _bwd_dq_kernel(Q, K, V, DY, Y, C, DO, LSE, DELTA, DQ, BOUNDS, T, qk_scale, sm_scale, eps,
+                       s_qt, s_qh, s_kt, s_kh, s_vt, s_vh,
+                       HQ: tl.constexpr, GROUP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, XSA: tl.constexpr):
+        """Runs before the dk/dv kernel and hands it, for its own rows: delta = rowsum(dy * y), which equals
+        do . o because the XSA projection is symmetric and idempotent, and with XSA do = dy - (dy . v̂) v̂.
+        Then the forward's walk over keys, recomputing P from the saved log-sum-exp."""
+        h0 = tl.program_id(0) * HP
+        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BM
+        g = h0 // GROUP
+        r = tl.arange(0, HP * BM)
+        rows = m0 + r % BM
+        heads = h0 + r // BM
         row_ok = rows < T
         dims = tl.arange(0, D)
+        q = tl.load(Q + rows[:, None] * s_qt + heads[:, None] * s_qh + dims[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        offs = rows[:, None] * (HQ * D) + heads[:, None] * D + dims[None, :]
+        dy = tl.load(DY + offs, mask=row_ok[:, None], other=0.0)
+        y = tl.load(Y + offs, mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(dy.to(tl.float32) * y.to(tl.float32), 1)
+        tl.store(DELTA + heads * T + rows, delta, mask=row_ok)
         if XSA:
             vs = tl.load(V + rows[:, None] * s_vt + g * s_vh + dims[None, :], mask=row_ok[:, None], other=0.0)
             vs = vs.to(tl.float32)
-            norm = tl.sqrt(tl.sum(vs * vs, 1))
-            inv = 1.0 / tl.maximum(norm, eps)
-            v_hat = vs * inv[:, None]
-            dv_hat = tl.zeros([BT, D], dtype=tl.float32)
-        for i in tl.static_range(GROUP):
-            h = g * GROUP + i
-            offs = rows[:, None] * (HQ * D) + h * D + dims[None, :]
-            dy = tl.load(DY + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            y = tl.load(Y + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            tl.store(DELTA + h * T + rows, tl.sum(dy * y, 1), mask=row_ok)
-            if XSA:
-                a = tl.sum(dy * v_hat, 1)
-                tl.store(DO + offs, (dy - a[:, None] * v_hat).to(DO.dtype.element_ty), mask=row_ok[:, None])
-                c = tl.load(C + h * T + rows, mask=row_ok, other=0.0)
-                o = y + c[:, None] * v_hat
-                dv_hat -= c[:, None] * dy + a[:, None] * o
-        if XSA:
-            radial = tl.sum(dv_hat * v_hat, 1)
-            # below eps, v̂ = v / eps is linear in v; above it the radial part of the gradient vanishes
-            dvx = tl.where((norm > eps)[:, None], dv_hat - radial[:, None] * v_hat, dv_hat) * inv[:, None]
-            tl.store(DVX + rows[:, None] * ((HQ // GROUP) * D) + g * D + dims[None, :], dvx, mask=row_ok[:, None])
+            v_hat = vs * (1.0 / tl.maximum(tl.sqrt(tl.sum(vs * vs, 1)), eps))[:, None]
+            dy32 = dy.to(tl.float32)
+            do = (dy32 - tl.sum(dy32 * v_hat, 1)[:, None] * v_hat).to(DO.dtype.element_ty)
+            tl.store(DO + offs, do, mask=row_ok[:, None])
+        else:
+            do = dy
+        lse = tl.load(LSE + heads * T + rows, mask=row_ok, other=0.0)
+        doc_start = tl.load(BOUNDS + rows, mask=row_ok, other=0)
+        lo, j_a, j_b, n_blocks = _block_walk(T, m0, BOUNDS, BM, BN)
+        k_ptr = K + g * s_kh
+        v_ptr = V + g * s_vh
+        dq = tl.zeros([HP * BM, D], dtype=tl.float32)
+        for j in range(0, j_a):
+            dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, lo + j * BN, rows, doc_start, T, qk_scale,
+                          s_kt, s_vt, D, BN, True)
+        for j in range(j_a, j_b):
+            dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, lo + j * BN, rows, doc_start, T, qk_scale,
+                          s_kt, s_vt, D, BN, False)
+        for j in range(j_b, n_blocks):
+            dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, lo + j * BN, rows, doc_start, T, qk_scale,
+                          s_kt, s_vt, D, BN, True)
+        tl.store(DQ + offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, m, cols, doc_end, T, qk_scale, s_qt,
@@ -248,12 +290,13 @@ if triton_available():
         return dk, dv
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DVX, DK, DV, BOUNDS, T, qk_scale, sm_scale,
+    def _bwd_dkdv_kernel(Q, K, V, DY, Y, C, DO, LSE, DELTA, DK, DV, BOUNDS, T, qk_scale, sm_scale, eps,
                          s_qt, s_qh, s_kt, s_kh, s_vt, s_vh,
                          HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                          BN: tl.constexpr, XSA: tl.constexpr):
-        """One block of BN keys of one KV head: walks the queries of both (all) heads of its group that can see
-        it, from its first key to the end of its last key's document."""
+        """One block of BN keys of one KV head: walks the queries of every head of its group that can see it,
+        from its first key to the end of its last key's document, so no atomics and no group reduction.
+        Query blocks [0, i_a) cross the diagonal, [i_b, n) run past some key's document end."""
         g = tl.program_id(0)
         n0 = tl.program_id(1) * BN
         cols = n0 + tl.arange(0, BN)
@@ -263,12 +306,10 @@ if triton_available():
         v = tl.load(V + cols[:, None] * s_vt + g * s_vh + dims[None, :], mask=col_ok[:, None], other=0.0)
         doc_end = tl.load(BOUNDS + T + cols, mask=col_ok, other=0)
         last = tl.minimum(n0 + BN, T) - 1
-        end_first = tl.load(BOUNDS + T + n0)
         end_last = tl.load(BOUNDS + T + last)
         n_blocks = tl.cdiv(end_last - n0, BM)
-        # query blocks [0, i_a) cross the diagonal, blocks [i_b, n_blocks) run past some key's document end
         i_a = tl.cdiv(last - n0, BM)
-        i_b = tl.maximum((end_first - n0) // BM, i_a)
+        i_b = tl.maximum((tl.load(BOUNDS + T + n0) - n0) // BM, i_a)
         dk = tl.zeros([BN, D], dtype=tl.float32)
         dv = tl.zeros([BN, D], dtype=tl.float32)
         for i in range(GROUP):
@@ -286,70 +327,28 @@ if triton_available():
             for j in range(i_b, n_blocks):
                 dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, n0 + j * BM, cols, doc_end,
                                     T, qk_scale, s_qt, HQ, D, BM, True)
-        offs = cols[:, None] * ((HQ // GROUP) * D) + g * D + dims[None, :]
         if XSA:
-            dv += tl.load(DVX + offs, mask=col_ok[:, None], other=0.0)
+            # the gradient into v through v̂ (these keys are the tokens whose own values the heads projected out):
+            # dv̂ = -sum_heads (c dy + (dy . v̂) o) with o = y + c v̂; below eps v̂ = v / eps is linear in v,
+            # above it the radial part vanishes: dv = (dv̂ - (dv̂ . v̂) v̂) / ||v||
+            vs = v.to(tl.float32)
+            norm = tl.sqrt(tl.sum(vs * vs, 1))
+            inv = 1.0 / tl.maximum(norm, eps)
+            v_hat = vs * inv[:, None]
+            dv_hat = tl.zeros([BN, D], dtype=tl.float32)
+            for i in tl.static_range(GROUP):
+                h = g * GROUP + i
+                offs = cols[:, None] * (HQ * D) + h * D + dims[None, :]
+                dy = tl.load(DY + offs, mask=col_ok[:, None], other=0.0).to(tl.float32)
+                y = tl.load(Y + offs, mask=col_ok[:, None], other=0.0).to(tl.float32)
+                c = tl.load(C + h * T + cols, mask=col_ok, other=0.0)
+                o = y + c[:, None] * v_hat
+                dv_hat -= c[:, None] * dy + tl.sum(dy * v_hat, 1)[:, None] * o
+            dv += tl.where((norm > eps)[:, None], dv_hat - tl.sum(dv_hat * v_hat, 1)[:, None] * v_hat,
+                           dv_hat) * inv[:, None]
+        offs = cols[:, None] * ((HQ // GROUP) * D) + g * D + dims[None, :]
         tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
         tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-    @triton.jit
-    def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, n, rows, doc_start, T, qk_scale, s_kt, s_vt,
-                 D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr):
-        cols = n + tl.arange(0, BN)
-        dims = tl.arange(0, D)
-        if MASK:
-            k = tl.load(k_ptr + cols[:, None] * s_kt + dims[None, :], mask=(cols < T)[:, None], other=0.0)
-            v = tl.load(v_ptr + cols[:, None] * s_vt + dims[None, :], mask=(cols < T)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptr + cols[:, None] * s_kt + dims[None, :])
-            v = tl.load(v_ptr + cols[:, None] * s_vt + dims[None, :])
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        if MASK:
-            valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])
-            p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        return dq
-
-    @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, BOUNDS, T, qk_scale, sm_scale,
-                       s_qt, s_qh, s_kt, s_kh, s_vt, s_vh,
-                       HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                       BN: tl.constexpr):
-        """Same walk over keys as the forward; recomputes p from the saved log-sum-exp."""
-        h = tl.program_id(0)
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-        g = h // GROUP
-        m0 = pid_m * BM
-        rows = m0 + tl.arange(0, BM)
-        row_ok = rows < T
-        dims = tl.arange(0, D)
-        q = tl.load(Q + rows[:, None] * s_qt + h * s_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
-        offs = rows[:, None] * (HQ * D) + h * D + dims[None, :]
-        do = tl.load(DO + offs, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + h * T + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + h * T + rows, mask=row_ok, other=0.0)
-        doc_start = tl.load(BOUNDS + rows, mask=row_ok, other=0)
-        last = tl.minimum(m0 + BM, T) - 1
-        lo = tl.load(BOUNDS + m0)
-        start_last = tl.load(BOUNDS + last)
-        n_blocks = tl.cdiv(last + 1 - lo, BN)
-        j_a = tl.cdiv(start_last - lo, BN)
-        j_b = tl.maximum((m0 - lo + 1) // BN, j_a)
-        k_ptr = K + g * s_kh
-        v_ptr = V + g * s_vh
-        dq = tl.zeros([BM, D], dtype=tl.float32)
-        for j in range(0, j_a):
-            dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, lo + j * BN, rows, doc_start, T, qk_scale,
-                          s_kt, s_vt, D, BN, True)
-        for j in range(j_a, j_b):
-            dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, lo + j * BN, rows, doc_start, T, qk_scale,
-                          s_kt, s_vt, D, BN, False)
-        for j in range(j_b, n_blocks):
-            dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, lo + j * BN, rows, doc_start, T, qk_scale,
-                          s_kt, s_vt, D, BN, True)
-        tl.store(DQ + offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _configs(device: torch.device) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
@@ -369,21 +368,28 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _heads_per_program(cfg: KernelConfig, group: int) -> int:
+    """Query heads stacked in one program: a power of two dividing the group, at most cfg.heads."""
+    return math.gcd(1 << (max(cfg.heads, 1).bit_length() - 1), group)
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, xsa: bool,
              cfg: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: y (T, Hq, D), log2-sum-exp (Hq, T), and o . v̂ (Hq, T) when xsa."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     total, hq, d = q.shape
+    group = hq // k.shape[1]
     cfg = cfg or _configs(q.device)[0]
+    hp = _heads_per_program(cfg, group)
     y = q.new_empty(q.shape)
     lse = q.new_empty((hq, total), dtype=torch.float32)
     c = q.new_empty((hq, total) if xsa else (0,), dtype=torch.float32)
     if total:
-        grid = (hq, triton.cdiv(total, cfg.block_m))
-        _fwd_kernel[grid](q, k, v, y, lse, c, bounds, total, math.log2(math.e) / math.sqrt(d), XSA_EPS,
-                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                          HQ=hq, GROUP=hq // k.shape[1], D=d, BM=cfg.block_m, BN=cfg.block_n, XSA=xsa,
-                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _fwd_kernel[(hq // hp, triton.cdiv(total, cfg.block_m))](
+            q, k, v, y, lse, c, bounds, total, math.log2(math.e) / math.sqrt(d), XSA_EPS,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            HQ=hq, GROUP=group, HP=hp, D=d, BM=cfg.block_m, BN=cfg.block_n, XSA=xsa,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y, lse, c
 
 
@@ -391,7 +397,8 @@ def _backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               y: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, xsa: bool,
               cfgs: tuple[KernelConfig, KernelConfig] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch prologue, dk/dv and dq kernels; gradients come back contiguous in the inputs' dtype."""
+    """Launch the dq kernel (which also writes do and delta), then the dk/dv kernel; gradients come back
+    contiguous in the inputs' dtype."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     dy = dy.contiguous()
     total, hq, d = q.shape
@@ -405,22 +412,18 @@ def _backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return dq, dk, dv
     delta = q.new_empty((hq, total), dtype=torch.float32)
     do = torch.empty_like(dy) if xsa else dy
-    dvx = v.new_empty(v.shape, dtype=torch.float32) if xsa else delta
-    block = PRE_BLOCK if q.is_cuda and not interpreting() else INTERPRET_CONFIG.block_m
-    _bwd_pre_kernel[(hkv, triton.cdiv(total, block))](dy, y, v, c, do, delta, dvx, total, XSA_EPS,
-                                                      v.stride(0), v.stride(1), HQ=hq, GROUP=group, D=d, BT=block,
-                                                      XSA=xsa, num_warps=4)
     scale = 1.0 / math.sqrt(d)
     qk_scale = scale * math.log2(math.e)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    hp = _heads_per_program(dq_cfg, group)
+    _bwd_dq_kernel[(hq // hp, triton.cdiv(total, dq_cfg.block_m))](
+        q, k, v, dy, y, c, do, lse, delta, dq, bounds, total, qk_scale, scale, XSA_EPS, *strides,
+        HQ=hq, GROUP=group, HP=hp, D=d, BM=dq_cfg.block_m, BN=dq_cfg.block_n, XSA=xsa,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages)
     _bwd_dkdv_kernel[(hkv, triton.cdiv(total, dkdv_cfg.block_n))](
-        q, k, v, do, lse, delta, dvx, dk, dv, bounds, total, qk_scale, scale, *strides,
+        q, k, v, dy, y, c, do, lse, delta, dk, dv, bounds, total, qk_scale, scale, XSA_EPS, *strides,
         HQ=hq, GROUP=group, D=d, BM=dkdv_cfg.block_m, BN=dkdv_cfg.block_n, XSA=xsa,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages)
-    _bwd_dq_kernel[(hq, triton.cdiv(total, dq_cfg.block_m))](
-        q, k, v, do, lse, delta, dq, bounds, total, qk_scale, scale, *strides,
-        HQ=hq, GROUP=group, D=d, BM=dq_cfg.block_m, BN=dq_cfg.block_n,
-        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages)
     return dq, dk, dv
 
 

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - the reference path needs no Triton
 IGNORE_INDEX = -100
 # Rows per chunk: bounds the bf16 logits buffer to CHUNK_ROWS x V (16384 x 8192 x 2 bytes = 256 MiB); 0 = one chunk.
 CHUNK_ROWS = 16384
+OVERLAP_STREAMS = False  # row kernel of one chunk on a side stream beside the matmuls of its neighbours
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -77,54 +78,71 @@ def _softcap_ce_triton(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 if triton is not None:
 
     @triton.jit
+    def _softcap(z, cap, two_log2e_over_cap, HAS_CAP: tl.constexpr):
+        """(c, s): c = cap*tanh(z/cap) = 2cap*s - cap with s = sigmoid(2z/cap) = 1/(1 + 2^(-z*2log2(e)/cap)).
+
+        Finite for any z, infinities included (2^inf = inf gives s = 0, c = -cap), and dc/dz = 4s(1-s) has no
+        cancellation. Without the cap: (z, z), s unused."""
+        if HAS_CAP:
+            s = 1.0 / (1.0 + tl.exp2(-z * two_log2e_over_cap))
+            c = 2.0 * cap * s - cap
+        else:
+            s = z
+            c = z
+        return c, s
+
+    @triton.jit
     def _softcap_ce_row_kernel(z_ptr, stride_z, tgt_ptr, nll_ptr, scale_ptr, V, cap, two_log2e_over_cap,
-                               ignore_index, HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                               ROW_SCALE: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr):
+                               ignore_index, HAS_CAP: tl.constexpr, FIXED_SHIFT: tl.constexpr,
+                               WRITE_GRAD: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
+                               ONE_BLOCK: tl.constexpr):
         """One row of logits z (any float dtype): NLL of the softcapped row and, with WRITE_GRAD, dNLL/dz * scale
         written over z.
 
-        Softcap as c*tanh(z/c) = 2c*s - c with s = sigmoid(2z/c) = 1/(1 + 2^(-z*2log2(e)/c)): finite for any finite
-        or infinite z (2^(+inf) = inf gives s = 0, c = -cap), and dc/dz = 4 s (1 - s) without cancellation.
-        With ONE_BLOCK the whole row lives in registers (one read, one write); otherwise two sweeps over the row.
+        FIXED_SHIFT (cap <= 40): every softcapped logit is <= cap, so exp(c - cap) needs no row maximum and cannot
+        underflow to an all-zero sum (exp(-2*40) is a normal float). ONE_BLOCK: the whole row lives in registers
+        (one read, one write); otherwise two sweeps over the row.
         """
         LOG2E: tl.constexpr = 1.4426950408889634
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride_z
         tgt = tl.load(tgt_ptr + row).to(tl.int32)
         valid = tgt != ignore_index
+        # the target's logit, read before this program overwrites the row (out-of-range targets are clamped)
+        z_t = tl.load(z_row + tl.minimum(tl.maximum(tl.where(valid, tgt, 0), 0), V - 1)).to(tl.float32)
+        c_t, _ = _softcap(z_t, cap, two_log2e_over_cap, HAS_CAP)
         offs = tl.arange(0, BLOCK_V)
         if ONE_BLOCK:
             mask = offs < V
-            z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_CAP:
-                s = 1.0 / (1.0 + tl.exp2(-z * two_log2e_over_cap))
-                c = 2.0 * cap * s - cap
+            c, s = _softcap(tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), cap, two_log2e_over_cap,
+                            HAS_CAP)
+            if FIXED_SHIFT:
+                m = cap
             else:
-                c = z
-            c = tl.where(mask, c, -float("inf"))
-            m = tl.max(c, axis=0)
-            e = tl.exp2((c - m) * LOG2E)
+                m = tl.max(tl.where(mask, c, -float("inf")), axis=0)
+            e = tl.where(mask, tl.exp2((c - m) * LOG2E), 0.0)
             total = tl.sum(e, axis=0)
-            lse = m + tl.log(total)
-            c_t = tl.sum(tl.where(offs == tgt, c, 0.0), axis=0)
         else:
-            m = -float("inf")
-            total = 0.0
-            c_t = 0.0
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                mask = cols < V
-                z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_CAP:
-                    c = 2.0 * cap / (1.0 + tl.exp2(-z * two_log2e_over_cap)) - cap
-                else:
-                    c = z
-                c = tl.where(mask, c, -float("inf"))
-                m_new = tl.maximum(m, tl.max(c, axis=0))
-                total = total * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((c - m_new) * LOG2E), axis=0)
-                m = m_new
-                c_t += tl.sum(tl.where(cols == tgt, c, 0.0), axis=0)
-            lse = m + tl.log(total)
+            if FIXED_SHIFT:
+                m = cap
+                total = 0.0
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    c, _ = _softcap(tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32), cap,
+                                    two_log2e_over_cap, HAS_CAP)
+                    total += tl.sum(tl.where(cols < V, tl.exp2((c - m) * LOG2E), 0.0), axis=0)
+            else:
+                m = -float("inf")
+                total = 0.0
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    c, _ = _softcap(tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32), cap,
+                                    two_log2e_over_cap, HAS_CAP)
+                    c = tl.where(cols < V, c, -float("inf"))
+                    m_new = tl.maximum(m, tl.max(c, axis=0))
+                    total = total * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((c - m_new) * LOG2E), axis=0)
+                    m = m_new
+        lse = m + tl.log(total)
         tl.store(nll_ptr + row, tl.where(valid, lse - c_t, 0.0))
         if WRITE_GRAD:
             if ROW_SCALE:
@@ -133,43 +151,41 @@ if triton is not None:
                 scale = tl.load(scale_ptr).to(tl.float32)
             scale = tl.where(valid, scale, 0.0)
             if ONE_BLOCK:
-                g = e * (1.0 / total) - tl.where(offs == tgt, 1.0, 0.0)
+                g = e * (scale / total) - tl.where(offs == tgt, scale, 0.0)
                 if HAS_CAP:
                     g = g * (4.0 * s * (1.0 - s))
-                tl.store(z_row + offs, (g * scale).to(z_ptr.dtype.element_ty), mask=mask)
+                tl.store(z_row + offs, g.to(z_ptr.dtype.element_ty), mask=mask)
             else:
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
-                    mask = cols < V
-                    z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-                    if HAS_CAP:
-                        s = 1.0 / (1.0 + tl.exp2(-z * two_log2e_over_cap))
-                        c = 2.0 * cap * s - cap
-                    else:
-                        c = z
-                    g = tl.exp2((c - lse) * LOG2E) - tl.where(cols == tgt, 1.0, 0.0)
+                    c, s = _softcap(tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32), cap,
+                                    two_log2e_over_cap, HAS_CAP)
+                    g = (tl.exp2((c - lse) * LOG2E) - tl.where(cols == tgt, 1.0, 0.0)) * scale
                     if HAS_CAP:
                         g = g * (4.0 * s * (1.0 - s))
-                    tl.store(z_row + cols, (g * scale).to(z_ptr.dtype.element_ty), mask=mask)
+                    tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=cols < V)
 
 
 MAX_ONE_BLOCK = 16384  # rows up to this many logits are held in registers whole
 LOOP_BLOCK = 4096  # logits per step for longer rows
+ROW_WARPS = 8  # warps per row program (measured on H100 at V = 8192: notes/cross_entropy.md)
+FIXED_SHIFT_MAX_CAP = 40.0
 
 
 def _row_launch_config(V: int) -> tuple[int, bool, int]:
     """(BLOCK_V, ONE_BLOCK, num_warps) for a row of V logits."""
     block = triton.next_power_of_2(V)
     if block <= MAX_ONE_BLOCK:
-        return block, True, max(1, min(16, block // 512))
-    return LOOP_BLOCK, False, 8
+        return block, True, max(1, min(ROW_WARPS, block // 256))
+    return LOOP_BLOCK, False, ROW_WARPS
 
 
 def softcap_ce_rows_inplace(z: torch.Tensor, targets: torch.Tensor, cap: float, ignore_index: int,
                             scale: torch.Tensor | None = None, nll: torch.Tensor | None = None,
                             num_warps: int | None = None) -> torch.Tensor:
     """Per-row NLL of softcapped logits z (rows, V); with `scale` (1 element, or one per row) z is overwritten by
-    dNLL/dz * scale (0 on ignored rows). Returns the fp32 NLL (0 on ignored rows). num_warps: tuning override."""
+    dNLL/dz * scale (0 on ignored rows). Returns the fp32 NLL (0 on ignored rows). num_warps: tuning override.
+    Targets outside [0, V) other than ignore_index give undefined values (F.cross_entropy raises)."""
     if z.dim() != 2 or z.stride(1) != 1 or targets.shape != z.shape[:1]:
         raise ValueError(f"pgolf/kernels/cross_entropy.py: logits {tuple(z.shape)} (row-contiguous) and targets "
                          f"{tuple(targets.shape)} do not fit (rows, V), (rows,)")
@@ -183,7 +199,8 @@ def softcap_ce_rows_inplace(z: torch.Tensor, targets: torch.Tensor, cap: float, 
     row_scale = write_grad and scale.numel() == rows and scale.numel() != 1
     _softcap_ce_row_kernel[(rows,)](z, z.stride(0), targets, nll, scale if write_grad else nll, V, cap,
                                     2.0 * math.log2(math.e) / cap if has_cap else 0.0, ignore_index,
-                                    HAS_CAP=has_cap, WRITE_GRAD=write_grad, ROW_SCALE=row_scale, BLOCK_V=block,
+                                    HAS_CAP=has_cap, FIXED_SHIFT=has_cap and cap <= FIXED_SHIFT_MAX_CAP,
+                                    WRITE_GRAD=write_grad, ROW_SCALE=row_scale, BLOCK_V=block,
                                     ONE_BLOCK=one_block, num_warps=num_warps or warps)
     return nll
 
@@ -193,31 +210,73 @@ def _chunks(n: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def _head_pass(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, ignore_index: int,
                chunk_rows: int, scale: torch.Tensor | None, want_grad: bool
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """NLL per row and, with want_grad, (dh, dW) of sum_i scale_i * NLL_i, chunk by chunk over the rows."""
+    """NLL per row and, with want_grad, (dh, dW) of sum_i scale_i * NLL_i, chunk by chunk over the rows.
+
+    With OVERLAP_STREAMS (CUDA, several chunks) the memory-bound row kernel of chunk i runs on a side stream while
+    the compute-bound matmuls of chunks i-1 and i+1 run on the current one; two logits buffers alternate.
+    """
     n, V = h.shape[0], weight.shape[0]
     nll = torch.empty(n, device=h.device, dtype=torch.float32)
     dh = torch.empty_like(h) if want_grad else None
     chunks = _chunks(n, chunk_rows)
+    overlap = OVERLAP_STREAMS and h.is_cuda and len(chunks) > 1
     # dW is summed over chunks in fp32 unless one matmul produces it whole.
     dw = torch.zeros_like(weight, dtype=torch.float32) if want_grad and len(chunks) > 1 else None
-    buf = torch.empty(max((b - a for a, b in chunks), default=0), V, device=h.device, dtype=h.dtype)
-    for start, end in chunks:
-        z = buf[: end - start]
+    rows_max = max((b - a for a, b in chunks), default=0)
+    bufs = [torch.empty(rows_max, V, device=h.device, dtype=h.dtype) for _ in range(2 if overlap else 1)]
+    main = torch.cuda.current_stream(h.device) if overlap else None
+    side = _side_stream(h.device) if overlap else None
+
+    def project(i: int) -> torch.Tensor:
+        start, end = chunks[i]
+        z = bufs[i % len(bufs)][: end - start]
         torch.mm(h[start:end], weight.t(), out=z)
-        row_scale = scale if scale is None or scale.numel() == 1 else scale[start:end]
-        softcap_ce_rows_inplace(z, targets[start:end], cap, ignore_index, row_scale if want_grad else None,
-                                nll[start:end])
-        if want_grad:
-            torch.mm(z, weight, out=dh[start:end])
-            if dw is None:
-                dw = torch.mm(z.t(), h[start:end])
-            elif dw.dtype == z.dtype:
-                dw.addmm_(z.t(), h[start:end])
-            else:
-                dw.add_(torch.mm(z.t(), h[start:end]))
+        return z
+
+    def rows(i: int, z: torch.Tensor) -> None:
+        start, end = chunks[i]
+        row_scale = None if not want_grad else scale if scale.numel() == 1 else scale[start:end]
+        softcap_ce_rows_inplace(z, targets[start:end], cap, ignore_index, row_scale, nll[start:end])
+
+    def grads(i: int, z: torch.Tensor, dw: torch.Tensor | None) -> torch.Tensor:
+        start, end = chunks[i]
+        torch.mm(z, weight, out=dh[start:end])
+        if dw is None:
+            return torch.mm(z.t(), h[start:end])
+        if dw.dtype == z.dtype:
+            return dw.addmm_(z.t(), h[start:end])
+        return dw.add_(torch.mm(z.t(), h[start:end]))
+
+    z = project(0) if chunks else None
+    for i in range(len(chunks)):
+        last = i + 1 == len(chunks)
+        if overlap:
+            side.wait_event(main.record_event())
+            with torch.cuda.stream(side):
+                rows(i, z)
+            done = side.record_event()
+            z_next = None if last else project(i + 1)
+            main.wait_event(done)
+            if want_grad:
+                dw = grads(i, z, dw)
+        else:
+            rows(i, z)
+            if want_grad:
+                dw = grads(i, z, dw)
+            z_next = None if last else project(i + 1)
+        z = z_next
     if want_grad:
         dw = weight.new_zeros(weight.shape) if dw is None else dw.to(weight.dtype)
     return nll, dh, dw

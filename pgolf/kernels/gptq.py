@@ -102,7 +102,7 @@ if triton is not None:
 
     @triton.jit
     def _gptq_sweep_kernel(W, U, S, QM, Q, P_ROW0, P_NROWS, P_MAT, C,
-                           BLOCK_R: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr):
         pid = tl.program_id(0)
         row0 = tl.load(P_ROW0 + pid)
         nrows = tl.load(P_NROWS + pid)
@@ -122,12 +122,23 @@ if triton is not None:
             qt = tl.zeros((BLOCK_R, BS), dtype=tl.float32)
             et = tl.zeros((BLOCK_R, BS), dtype=tl.float32)
             nb = tl.minimum(C - i1, BS)
+            # row j of U (right of the diagonal) and U_jj, loaded one step ahead when PREFETCH
+            urow_next = tl.load(u_base + i1 * C + cols, mask=cmask & (cols > i1), other=0.0)
+            d_next = tl.load(u_base + i1 * C + i1)
             for j in range(0, nb):
                 jj = i1 + j
                 sel = (k == j)[None, :]
+                if PREFETCH:
+                    urow = urow_next
+                    d = d_next
+                    more = j + 1 < nb
+                    urow_next = tl.load(u_base + (jj + 1) * C + cols, mask=cmask & (cols > jj + 1) & more,
+                                        other=0.0)
+                    d_next = tl.load(u_base + (jj + 1) * C + jj + 1, mask=more, other=1.0)
+                else:
+                    d = tl.load(u_base + jj * C + jj)
+                    urow = tl.load(u_base + jj * C + cols, mask=cmask & (cols > jj), other=0.0)
                 wj = tl.sum(tl.where(sel, wt, 0.0), axis=1)
-                d = tl.load(u_base + jj * C + jj)
-                urow = tl.load(u_base + jj * C + cols, mask=cmask & (cols > jj), other=0.0)
                 q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(wj, s) + 0.5), -qm), qm)
                 e = tl.math.div_rn(wj - q * s, d)
                 wt = wt - e[:, None] * urow[None, :]
@@ -160,8 +171,8 @@ def _programs(row_matrix: torch.Tensor, block_r: int) -> tuple[torch.Tensor, tor
 
 def gptq_quantize_triton(w: torch.Tensor, hinv_u: torch.Tensor, scale: torch.Tensor, qmax: int | torch.Tensor,
                          row_matrix: torch.Tensor | None = None, block_size: int = 128, block_r: int = 16,
-                         num_warps: int = 4) -> torch.Tensor:
-    """The Triton sweep (same contract as the reference); `block_r`/`num_warps` are tuning knobs."""
+                         num_warps: int = 4, prefetch: bool = True) -> torch.Tensor:
+    """The Triton sweep (same contract as the reference); `block_r`, `num_warps`, `prefetch` are tuning knobs."""
     if triton is None:
         raise RuntimeError("gptq_quantize_triton: Triton is not importable")
     if block_size < 16 or block_size & (block_size - 1):
@@ -175,7 +186,7 @@ def gptq_quantize_triton(w: torch.Tensor, hinv_u: torch.Tensor, scale: torch.Ten
     p_row0, p_nrows, p_mat = _programs(row_matrix, block_r)
     _gptq_sweep_kernel[(p_row0.numel(),)](work, u.contiguous(), scale.contiguous(), qmax.contiguous(), out,
                                           p_row0, p_nrows, p_mat, c, BLOCK_R=block_r, BS=block_size, BN=64,
-                                          num_warps=num_warps)
+                                          PREFETCH=prefetch, num_warps=num_warps)
     return out
 
 

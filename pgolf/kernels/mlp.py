@@ -61,6 +61,9 @@ def _fused_mlp_triton(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     return out.reshape(*lead, w_down.shape[0])
 
 
+SIGN_FORMAT = 1  # how the forward saves sign(pre) for LeakyReLU: see _mlp_matmul_kernel
+
+
 def sign_bytes(hidden: int) -> int:
     """Bytes per token of the packed sign of pre (bit j of byte b is column 8*b + j)."""
     return (hidden + 7) // 8
@@ -71,26 +74,31 @@ def sign_bytes(hidden: int) -> int:
 def _matmul_configs() -> list:
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
-              (128, 256, 64, 8, 4), (128, 128, 128, 8, 3)]
+    # 128x256 and 256x128 tiles: one CTA per SM; 128x128 / 64x128 with 3-4 stages: two CTAs per SM, so that one's
+    # epilogue (K is only 512: 8 steps of main loop) overlaps the other's main loop.
+    shapes = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+              (128, 256, 64, 8, 2), (64, 128, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
 
 if triton is not None:
 
-    @triton.autotune(configs=_matmul_configs(), key=["N", "K", "EPILOGUE", "HAS_SIGN"])
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.autotune(configs=_matmul_configs(), key=["N", "K", "EPILOGUE", "SIGN_FORMAT"])
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                        "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
     @triton.jit
     def _mlp_matmul_kernel(a_ptr, b_ptr, c_ptr, act_ptr, sign_ptr, M, N, K,
                            stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_sm, abs_slope,
-                           EPILOGUE: tl.constexpr, HAS_SIGN: tl.constexpr, IEEE: tl.constexpr,
+                           EPILOGUE: tl.constexpr, SIGN_FORMAT: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                           GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
         """acc = A (M,K) @ B (K,N) in fp32, then one of two epilogues.
 
-        EPILOGUE 0 (forward): c = leaky(acc)^2 and, with HAS_SIGN, the bits (acc > 0) packed 8 per byte at sign_ptr.
-        EPILOGUE 1 (backward): c = acc * act'(pre), act'(pre) rebuilt from act (act_ptr) and the sign bits.
+        EPILOGUE 0 (forward): c = leaky(acc)^2 and the signs (acc > 0) at sign_ptr.
+        EPILOGUE 1 (backward): c = acc * act'(pre), act'(pre) rebuilt from act (act_ptr) and the signs.
+        SIGN_FORMAT: 0 none (ReLU^2), 1 bits packed 8 per byte (packed by reshape+sum), 2 the same bits packed by
+        three pairwise splits and read back by byte gathers, 3 one byte per element.
         """
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -106,9 +114,12 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         # Rows/columns past the edge are wrapped onto valid ones for the loads (no masks in the main loop) and
-        # dropped at the store.
+        # dropped at the store; whole column blocks keep their contiguity (vector loads of an N-major B).
         rows = (offs_m % M).to(tl.int64)
-        cols = offs_n % N
+        if EVEN_N:
+            cols = offs_n
+        else:
+            cols = offs_n % N
         a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -129,68 +140,93 @@ if triton is not None:
 
         out_rows = offs_m.to(tl.int64)
         row_ok = offs_m < M
+        col_ok = offs_n < N
         c_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_n[None, :]
-        c_mask = row_ok[:, None] & (offs_n < N)[None, :]
+        c_mask = row_ok[:, None] & col_ok[None, :]
         offs_byte = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        s_ptrs = sign_ptr + out_rows[:, None] * stride_sm + offs_byte[None, :]
-        s_mask = row_ok[:, None] & (offs_byte < (N + 7) // 8)[None, :]
-        shifts = tl.arange(0, 8)
+        byte_ptrs = sign_ptr + out_rows[:, None] * stride_sm + offs_byte[None, :]
+        byte_mask = row_ok[:, None] & (offs_byte < (N + 7) // 8)[None, :]
+        elem_ptrs = sign_ptr + out_rows[:, None] * stride_sm + offs_n[None, :]
         if EPILOGUE == 0:
             pos = acc > 0
             y = tl.where(pos, acc, acc * abs_slope)
             tl.store(c_ptrs, (y * y).to(c_ptr.dtype.element_ty), mask=c_mask)
-            if HAS_SIGN:
-                pos = pos & (offs_n < N)[None, :]  # pad bits past the last column stay 0
-                bits = tl.reshape(pos.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
-                packed = tl.sum(bits << shifts[None, None, :], axis=2)
-                tl.store(s_ptrs, packed.to(tl.uint8), mask=s_mask)
+            bits = (pos & col_ok[None, :]).to(tl.uint8)  # pad bits past the last column stay 0
+            if SIGN_FORMAT == 1:
+                shifts = tl.arange(0, 8).to(tl.uint8)
+                grouped = tl.reshape(bits, (BLOCK_M, BLOCK_N // 8, 8)) << shifts[None, None, :]
+                tl.store(byte_ptrs, tl.sum(grouped, axis=2).to(tl.uint8), mask=byte_mask)
+            elif SIGN_FORMAT == 2:
+                lo, hi = tl.split(tl.reshape(bits, (BLOCK_M, BLOCK_N // 2, 2)))
+                pairs = lo | (hi << 1)
+                lo, hi = tl.split(tl.reshape(pairs, (BLOCK_M, BLOCK_N // 4, 2)))
+                quads = lo | (hi << 2)
+                lo, hi = tl.split(tl.reshape(quads, (BLOCK_M, BLOCK_N // 8, 2)))
+                tl.store(byte_ptrs, lo | (hi << 4), mask=byte_mask)
+            elif SIGN_FORMAT == 3:
+                tl.store(elem_ptrs, bits, mask=c_mask)
         else:
             act = tl.load(act_ptr + out_rows[:, None] * stride_cm + offs_n[None, :], mask=c_mask, other=0.0)
             slope_grad = 2.0 * tl.sqrt(act.to(tl.float32))
-            if HAS_SIGN:
-                packed = tl.load(s_ptrs, mask=s_mask, other=0).to(tl.int32)
-                bits = (packed[:, :, None] >> shifts[None, None, :]) & 1
-                pos = tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+            if SIGN_FORMAT != 0:
+                if SIGN_FORMAT == 1:
+                    packed = tl.load(byte_ptrs, mask=byte_mask, other=0)
+                    shifts = tl.arange(0, 8).to(tl.uint8)
+                    pos = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_M, BLOCK_N)) != 0
+                elif SIGN_FORMAT == 2:
+                    gathered = tl.load(sign_ptr + out_rows[:, None] * stride_sm + (offs_n // 8)[None, :],
+                                       mask=c_mask, other=0)
+                    pos = ((gathered >> (offs_n % 8).to(tl.uint8)[None, :]) & 1) != 0
+                else:
+                    pos = tl.load(elem_ptrs, mask=c_mask, other=0) != 0
                 slope_grad = tl.where(pos, slope_grad, -abs_slope * slope_grad)
             tl.store(c_ptrs, (acc * slope_grad).to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, trans_b: bool, c: torch.Tensor, act: torch.Tensor | None,
-            signs: torch.Tensor | None, abs_slope: float, epilogue: int) -> None:
+            signs: torch.Tensor | None, abs_slope: float, epilogue: int, sign_format: int) -> None:
     """c (M,N) <- epilogue(a (M,K) @ B), B = b^T when trans_b (b stored (N,K)) else b (stored (K,N))."""
     M, K = a.shape
     N = b.shape[0] if trans_b else b.shape[1]
     stride_bk, stride_bn = (b.stride(1), b.stride(0)) if trans_b else (b.stride(0), b.stride(1))
-    has_sign = signs is not None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     # Unused pointer arguments get `c` as a stand-in: the kernel never dereferences them.
-    _mlp_matmul_kernel[grid](a, b, c, c if act is None else act, signs if has_sign else c, M, N, K,
+    _mlp_matmul_kernel[grid](a, b, c, c if act is None else act, c if sign_format == 0 else signs, M, N, K,
                              a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0),
-                             signs.stride(0) if has_sign else 0, abs_slope,
-                             EPILOGUE=epilogue, HAS_SIGN=has_sign, IEEE=a.dtype == torch.float32)
+                             signs.stride(0) if sign_format else 0, abs_slope,
+                             EPILOGUE=epilogue, SIGN_FORMAT=sign_format, IEEE=a.dtype == torch.float32)
+
+
+def _sign_format(negative_slope: float, save_signs: bool = True) -> int:
+    return SIGN_FORMAT if save_signs and negative_slope != 0 else 0
+
+
+def _sign_shape(tokens: int, hidden: int, sign_format: int) -> tuple[int, int]:
+    if sign_format == 0:
+        return (0, 0)
+    return (tokens, hidden if sign_format == 3 else sign_bytes(hidden))
 
 
 def up_act(x: torch.Tensor, w_up: torch.Tensor, negative_slope: float, with_signs: bool = True
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """act = leaky(x @ w_up^T)^2 and the packed sign bits of the pre-activation (empty for ReLU^2 or no signs)."""
+    """act = leaky(x @ w_up^T)^2 and the saved signs of the pre-activation (empty for ReLU^2 or no signs)."""
     M, hidden = x.shape[0], w_up.shape[0]
     act = torch.empty(M, hidden, device=x.device, dtype=x.dtype)
-    has_sign = with_signs and negative_slope != 0
-    signs = torch.empty(M if has_sign else 0, sign_bytes(hidden) if has_sign else 0, device=x.device,
-                        dtype=torch.uint8)
-    _launch(x, w_up, True, act, None, signs if has_sign else None, abs(negative_slope), 0)
+    fmt = _sign_format(negative_slope, with_signs)
+    signs = torch.empty(_sign_shape(M, hidden, fmt), device=x.device, dtype=torch.uint8)
+    _launch(x, w_up, True, act, None, signs, abs(negative_slope), 0, fmt)
     return act, signs
 
 
 def down_grad_act(dout: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, signs: torch.Tensor,
                   negative_slope: float) -> torch.Tensor:
-    """d_pre = (dout @ w_down) * act'(pre), act'(pre) rebuilt from act and the sign bits."""
+    """d_pre = (dout @ w_down) * act'(pre), act'(pre) rebuilt from act and the saved signs."""
     d_pre = torch.empty_like(act)
-    has_sign = negative_slope != 0
-    if has_sign and signs.shape != (act.shape[0], sign_bytes(act.shape[1])):
-        raise ValueError("pgolf/kernels/mlp.py: the sign bits of a LeakyReLU MLP were not saved (forward ran "
-                         "without grad?)")
-    _launch(dout, w_down, False, d_pre, act, signs if has_sign else None, abs(negative_slope), 1)
+    fmt = _sign_format(negative_slope)
+    if tuple(signs.shape) != _sign_shape(*act.shape, fmt):
+        raise ValueError("pgolf/kernels/mlp.py: the signs of a LeakyReLU MLP were not saved (forward ran without "
+                         "grad?) or were saved in another SIGN_FORMAT")
+    _launch(dout, w_down, False, d_pre, act, signs, abs(negative_slope), 1, fmt)
     return d_pre
 
 
@@ -207,8 +243,7 @@ def _mlp_forward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, nega
 @_mlp_forward.register_fake
 def _(x, w_up, w_down, negative_slope, save_signs):
     M, hidden = x.shape[0], w_up.shape[0]
-    has_sign = save_signs and negative_slope != 0
-    signs = x.new_empty(M if has_sign else 0, sign_bytes(hidden) if has_sign else 0, dtype=torch.uint8)
+    signs = x.new_empty(_sign_shape(M, hidden, _sign_format(negative_slope, save_signs)), dtype=torch.uint8)
     return x.new_empty(M, w_down.shape[0]), x.new_empty(M, hidden), signs
 
 

@@ -1,8 +1,20 @@
 """Newton-Schulz orthogonalization for Muon: X <- aX + (bA + cA^2)X with A = X X^T, on X = G/||G||_F.
 
 Tall matrices are transposed first so that A is the small Gram matrix. G is (m, n) or a batch (B, m, n).
+
+The Triton path runs each step as three grouped launches over every matrix of every shape at once:
+  gram:   A = X X^T            lower-triangle tiles only, each stored twice (tile and mirror)
+  poly:   B = bA + c A A       lower-triangle tiles only (A A = A A^T, since A is symmetric), mirrored
+  update: X' = aX + B X        all tiles, aX fused into the epilogue
+bf16 operands, fp32 accumulation. A program reads its (matrix, tile) from a table, so matrices of several
+shapes share a launch. The Frobenius normalization costs no pass of its own: the first step works on the raw
+G, and poly/update of that step read ||G||_F^2 = trace(G G^T) off the diagonal of A and scale by it.
+`NewtonSchulzPlan` owns fixed buffers for a set of shapes and replays all launches as one CUDA graph.
 """
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 
@@ -17,6 +29,7 @@ POLAR_EXPRESS = (
     (2.3465, -1.7098, 0.4232),
 )
 SCHEDULES = {"classic": CLASSIC, "polar_express": POLAR_EXPRESS}
+EPS = 1e-7
 
 
 def coefficients(schedule: str, steps: int) -> tuple[tuple[float, float, float], ...]:
@@ -28,7 +41,7 @@ def coefficients(schedule: str, steps: int) -> tuple[tuple[float, float, float],
 
 
 def newton_schulz_reference(g: torch.Tensor, steps: int = 5, schedule: str = "polar_express",
-                            eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                            eps: float = EPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:
@@ -42,6 +55,278 @@ def newton_schulz_reference(g: torch.Tensor, steps: int = 5, schedule: str = "po
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, schedule: str = "polar_express") -> torch.Tensor:
     """The orthogonalization Muon calls: Triton on CUDA, the reference elsewhere. Returns bf16."""
-    if use_triton(g):
-        pass  # Triton path: filled in by the Newton-Schulz kernel
+    if g.dim() not in (2, 3):
+        raise ValueError(f"newton_schulz: expected (m, n) or (B, m, n), got shape {tuple(g.shape)}")
+    if use_triton(g) and g.numel() > 0:
+        # The interpreter's bf16 dot is wrong: off the GPU the kernels run in fp32 and round at the end.
+        return newton_schulz_triton(g, steps, schedule, torch.bfloat16 if g.is_cuda else torch.float32
+                                    ).to(torch.bfloat16)
     return newton_schulz_reference(g, steps, schedule)
+
+
+def newton_schulz_triton(g: torch.Tensor, steps: int = 5, schedule: str = "polar_express",
+                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """One batch through the Triton kernels (no graph); `dtype` is the operand dtype (fp32/fp16 for the
+    interpreter tests, bf16 on the GPU)."""
+    batched = g if g.dim() == 3 else g.unsqueeze(0)
+    plan = NewtonSchulzPlan([tuple(batched.shape)], steps, schedule, device=g.device, dtype=dtype, graph=False)
+    plan.inputs[0].copy_(batched)
+    (out,) = plan.run()
+    return out if g.dim() == 3 else out[0]
+
+
+# ---- Triton kernels ----------------------------------------------------------------------------------------
+# Matrix table, one int64 row per matrix: offset of X in the X workspaces, offset of A/B in the A/B
+# workspaces, rows m and columns n (m <= n: the wide orientation), leading dimensions of X and A.
+# Leading dimensions are multiples of ALIGN elements (>= any tile edge), so offsets and rows are aligned.
+NCOL = 6
+ALIGN = 256
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the reference path needs no Triton
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_info(MATS, TILES, pid):
+        mat = tl.load(TILES + pid * 3)
+        ti = tl.load(TILES + pid * 3 + 1)
+        tj = tl.load(TILES + pid * 3 + 2)
+        info = MATS + mat * 6
+        x_off = tl.multiple_of(tl.load(info + 0), 16)
+        a_off = tl.multiple_of(tl.load(info + 1), 16)
+        m = tl.load(info + 2)
+        n = tl.load(info + 3)
+        ldx = tl.multiple_of(tl.load(info + 4), 16)
+        lda = tl.multiple_of(tl.load(info + 5), 16)
+        return ti, tj, x_off, a_off, m, n, ldx, lda
+
+    @triton.jit
+    def _inv_norm_sq(A, a_off, m, lda, EPS_: tl.constexpr, DB: tl.constexpr):
+        """1/(||G||_F + eps)^2 from the diagonal of the raw Gram matrix A = G G^T."""
+        acc = tl.zeros((DB,), tl.float32)
+        for d0 in range(0, m, DB):
+            d = d0 + tl.arange(0, DB)
+            acc += tl.load(A + a_off + d * (lda + 1), mask=d < m, other=0.0).to(tl.float32)
+        inv = 1.0 / (tl.sqrt(tl.sum(acc)) + EPS_)
+        return inv * inv
+
+    # Masks only ever test rows: columns past m or n lie in the zero padding of the workspaces (leading
+    # dimensions are multiples of ALIGN >= every tile), so loads and stores along rows stay unmasked and wide.
+    # What the kernels store into padding columns is always zero, so the padding stays zero.
+
+    @triton.jit
+    def _sym_store(OUT, off, ld, rows_i, rows_j, m, val, ti, tj):
+        tl.store(OUT + off + rows_i[:, None] * ld + rows_j[None, :], val, mask=rows_i[:, None] < m)
+        if ti != tj:
+            tl.store(OUT + off + rows_j[:, None] * ld + rows_i[None, :], tl.trans(val), mask=rows_j[:, None] < m)
+
+    @triton.jit
+    def _ns_gram(X, A, MATS, TILES, BS: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        """A = X X^T, lower-triangle tile (ti >= tj) and its mirror."""
+        ti, tj, x_off, a_off, m, n, ldx, lda = _tile_info(MATS, TILES, tl.program_id(0))
+        rows_i = ti * BS + tl.arange(0, BS)
+        rows_j = tj * BS + tl.arange(0, BS)
+        pi = X + x_off + rows_i[:, None] * ldx + tl.arange(0, BK)[None, :]
+        pj = X + x_off + rows_j[:, None] * ldx + tl.arange(0, BK)[None, :]
+        acc = tl.zeros((BS, BS), tl.float32)
+        for _ in range(0, tl.cdiv(n, BK)):
+            xi = tl.load(pi, mask=rows_i[:, None] < m, other=0.0)
+            xj = tl.load(pj, mask=rows_j[:, None] < m, other=0.0)
+            if IEEE:
+                acc = tl.dot(xi, tl.trans(xj), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xi, tl.trans(xj), acc)
+            pi += BK
+            pj += BK
+        _sym_store(A, a_off, lda, rows_i, rows_j, m, acc.to(A.dtype.element_ty), ti, tj)
+
+    @triton.jit
+    def _ns_poly(A, B, MATS, TILES, b, c, FIRST: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                 IEEE: tl.constexpr, EPS_: tl.constexpr):
+        """B = b*A + c*A A (A symmetric, so A A = A A^T), lower-triangle tile and mirror. FIRST: A is the raw
+        Gram matrix of G and gets scaled by 1/||G||^2 here."""
+        ti, tj, x_off, a_off, m, n, ldx, lda = _tile_info(MATS, TILES, tl.program_id(0))
+        rows_i = ti * BS + tl.arange(0, BS)
+        rows_j = tj * BS + tl.arange(0, BS)
+        pi = A + a_off + rows_i[:, None] * lda + tl.arange(0, BK)[None, :]
+        pj = A + a_off + rows_j[:, None] * lda + tl.arange(0, BK)[None, :]
+        acc = tl.zeros((BS, BS), tl.float32)
+        for _ in range(0, tl.cdiv(m, BK)):
+            ai = tl.load(pi, mask=rows_i[:, None] < m, other=0.0)
+            aj = tl.load(pj, mask=rows_j[:, None] < m, other=0.0)
+            if IEEE:
+                acc = tl.dot(ai, tl.trans(aj), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(ai, tl.trans(aj), acc)
+            pi += BK
+            pj += BK
+        a_tile = tl.load(A + a_off + rows_i[:, None] * lda + rows_j[None, :], mask=rows_i[:, None] < m,
+                         other=0.0).to(tl.float32)
+        if FIRST:
+            s2 = _inv_norm_sq(A, a_off, m, lda, EPS_, 128)
+            val = (b * s2) * a_tile + (c * s2 * s2) * acc
+        else:
+            val = b * a_tile + c * acc
+        _sym_store(B, a_off, lda, rows_i, rows_j, m, val.to(B.dtype.element_ty), ti, tj)
+
+    @triton.jit
+    def _ns_update(X, Y, A, B, MATS, TILES, a, FIRST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, IEEE: tl.constexpr, EPS_: tl.constexpr):
+        """Y = a*X + B X for one (BM, BN) tile. FIRST: X is the raw G, so the result is scaled by 1/||G||."""
+        ti, tj, x_off, a_off, m, n, ldx, lda = _tile_info(MATS, TILES, tl.program_id(0))
+        rows = ti * BM + tl.arange(0, BM)
+        cols = tj * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        pb = B + a_off + rows[:, None] * lda + ks[None, :]
+        px = X + x_off + ks[:, None] * ldx + cols[None, :]
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, tl.cdiv(m, BK) * BK, BK):
+            bt = tl.load(pb, mask=rows[:, None] < m, other=0.0)
+            xt = tl.load(px, mask=(k0 + ks)[:, None] < m, other=0.0)
+            if IEEE:
+                acc = tl.dot(bt, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(bt, xt, acc)
+            pb += BK
+            px += BK * ldx
+        mask = rows[:, None] < m
+        x_tile = tl.load(X + x_off + rows[:, None] * ldx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        val = a * x_tile + acc
+        if FIRST:
+            val = val * tl.sqrt(_inv_norm_sq(A, a_off, m, lda, EPS_, 128))
+        tl.store(Y + x_off + rows[:, None] * ldx + cols[None, :], val.to(Y.dtype.element_ty), mask=mask)
+
+
+def _round_up(x: int, k: int) -> int:
+    return -(-x // k) * k
+
+
+@functools.lru_cache(maxsize=None)
+def default_blocks(device_type: str) -> dict[str, int]:
+    """Tile sizes: big tiles on the GPU, small ones for the (slow) interpreter."""
+    if device_type == "cuda":
+        return {"BS": 128, "BK_GRAM": 64, "BK_POLY": 64, "BM": 128, "BN": 128, "BK_UPD": 64,
+                "warps": 8, "stages": 3}
+    return {"BS": 16, "BK_GRAM": 16, "BK_POLY": 16, "BM": 16, "BN": 32, "BK_UPD": 16, "warps": 4, "stages": 1}
+
+
+class NewtonSchulzPlan:
+    """Newton-Schulz for a fixed list of batch shapes [(B, m, n), ...] with fixed buffers.
+
+    Write the matrices into `plan.inputs[i]` (views of the X workspace, shape (B, m, n) each), call
+    `plan.run()`, read `plan.outputs` (views valid until the next run; tall ones are transposed views, as in
+    the reference). On CUDA the launches are captured into one CUDA graph on the second run.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int, int]], steps: int = 5, schedule: str = "polar_express",
+                 device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16, graph: bool = True,
+                 blocks: dict[str, int] | None = None):
+        if triton is None:
+            raise RuntimeError("pgolf.kernels.newton_schulz: NewtonSchulzPlan needs Triton")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.coeffs = coefficients(schedule, steps)
+        self.blocks = dict(default_blocks(self.device.type), **(blocks or {}))
+        self.graph_enabled = graph and self.device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.runs = 0
+        rows, x_total, a_total = [], 0, 0
+        self.layout = []  # per shape: (first matrix index, B, m, n, tall, ldx, lda)
+        for batch, m0, n0 in shapes:
+            tall = m0 > n0
+            m, n = (n0, m0) if tall else (m0, n0)
+            ldx, lda = _round_up(n, ALIGN), _round_up(m, ALIGN)
+            self.layout.append((len(rows), batch, m, n, tall, ldx, lda, x_total))
+            for _ in range(batch):
+                rows.append((x_total, a_total, m, n, ldx, lda))
+                x_total += m * ldx
+                a_total += m * lda
+        self.mats = torch.tensor(rows, dtype=torch.int64, device=self.device).reshape(-1, NCOL)
+        self.xs = [torch.zeros(max(x_total, 1), device=self.device, dtype=dtype) for _ in range(2)]
+        self.a = torch.zeros(max(a_total, 1), device=self.device, dtype=dtype)
+        self.b = torch.zeros_like(self.a)
+        bs, bm, bn = self.blocks["BS"], self.blocks["BM"], self.blocks["BN"]
+        sym, full = [], []
+        for first, batch, m, n, *_ in self.layout:
+            nb = -(-m // bs)
+            for k in range(batch):
+                sym += [(first + k, i, j, n) for i in range(nb) for j in range(i + 1)]
+                full += [(first + k, i, j, m) for i in range(-(-m // bm)) for j in range(-(-n // bn))]
+        # Longest reductions first, so that the short tiles fill the tail of the launch.
+        sort = lambda t: torch.tensor([x[:3] for x in sorted(t, key=lambda x: -x[3])], dtype=torch.int32,  # noqa: E731
+                                      device=self.device).reshape(-1, 3)
+        self.sym_tiles, self.full_tiles = sort(sym), sort(full)
+        self.inputs = [self._view(0, i) for i in range(len(self.layout))]
+
+    def _view(self, buf: int, i: int) -> torch.Tensor:
+        first, batch, m, n, tall, ldx, lda, off = self.layout[i]
+        v = self.xs[buf].as_strided((batch, m, n), (m * ldx, ldx, 1), off)
+        return v.mT if tall else v
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        return [self._view(len(self.coeffs) % 2, i) for i in range(len(self.layout))]
+
+    def _launch(self) -> None:
+        blk = self.blocks
+        ieee = self.dtype == torch.float32
+        opts = {"num_warps": blk["warps"], "num_stages": blk["stages"]}
+        n_sym, n_full = self.sym_tiles.shape[0], self.full_tiles.shape[0]
+        for step, (a, b, c) in enumerate(self.coeffs):
+            x, y = self.xs[step % 2], self.xs[(step + 1) % 2]
+            first = step == 0
+            _ns_gram[(n_sym,)](x, self.a, self.mats, self.sym_tiles, BS=blk["BS"], BK=blk["BK_GRAM"], IEEE=ieee,
+                               **opts)
+            _ns_poly[(n_sym,)](self.a, self.b, self.mats, self.sym_tiles, b, c, FIRST=first, BS=blk["BS"],
+                               BK=blk["BK_POLY"], IEEE=ieee, EPS_=EPS, **opts)
+            _ns_update[(n_full,)](x, y, self.a, self.b, self.mats, self.full_tiles, a, FIRST=first, BM=blk["BM"],
+                                  BN=blk["BN"], BK=blk["BK_UPD"], IEEE=ieee, EPS_=EPS, **opts)
+
+    def run(self) -> list[torch.Tensor]:
+        """Orthogonalize what is in `inputs` now; returns `outputs`."""
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.graph_enabled and self.runs >= 1:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._launch()
+            self.graph.replay()
+        else:
+            self._launch()
+        self.runs += 1
+        return self.outputs
+
+    def as_orthogonalizer(self) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+        """f(updates) -> orthogonalized updates, copying each update into the plan's inputs first."""
+        def orthogonalize(updates: list[torch.Tensor]) -> list[torch.Tensor]:
+            for dst, src in zip(self.inputs, updates):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+            return self.run()
+        return orthogonalize
+
+
+def flops(shapes: list[tuple[int, int, int]], steps: int = 5, symmetric: bool = True) -> float:
+    """Matmul FLOPs of `steps` iterations: 2mmn (A) + 2mmm (A A) + 2mmn (B X) per matrix, halved for the
+    two symmetric products when `symmetric`."""
+    total = 0.0
+    for batch, m0, n0 in shapes:
+        m, n = min(m0, n0), max(m0, n0)
+        sym = 0.5 if symmetric else 1.0
+        total += batch * steps * (sym * 2 * m * m * n + sym * 2 * m ** 3 + 2 * m * m * n)
+    return total
+
+
+def min_bytes(shapes: list[tuple[int, int, int]], steps: int = 5, itemsize: int = 2) -> float:
+    """Fewest device-memory bytes per run if every operand of every launch is read once and written once:
+    gram reads X, writes A; poly reads A, writes B; update reads B and X, writes X."""
+    total = 0.0
+    for batch, m0, n0 in shapes:
+        m, n = min(m0, n0), max(m0, n0)
+        total += batch * steps * itemsize * (m * n + m * m + m * m + m * m + m * m + 2 * m * n)
+    return total
+

@@ -138,11 +138,13 @@ def _choose_awq(w: torch.Tensor, h: torch.Tensor, bits: int, k: float, alphas: l
 
 def quantize_weights(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor | None],
                      cfg: QuantConfig, symbol_budget: float | None = None, device: torch.device | str | None = None,
-                     kernel: Callable = gptq_quantize) -> tuple[dict[str, QTensor], dict]:
-    """Quantize matrices with GPTQ (or round to nearest); returns QTensors (CPU) and a report.
+                     kernel: Callable = gptq_quantize, measure: bool = True,
+                     to_cpu: bool = True) -> tuple[dict[str, QTensor], dict]:
+    """Quantize matrices with GPTQ (or round to nearest); returns QTensors and a report.
 
     `symbol_budget` (bytes for codes + row scales) drives the adaptive clip and the mixed bit allocation.
     `kernel` has the signature of pgolf.kernels.gptq.gptq_quantize (swap in the reference to compare).
+    `measure` computes each tensor's Hessian-weighted error (needed by LQER); `to_cpu` moves results to the CPU.
     """
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -251,13 +253,16 @@ def quantize_weights(weights: dict[str, torch.Tensor], hessians: dict[str, torch
     # 5. QTensors, errors, LQER on the worst tensors
     out: dict[str, QTensor] = {}
     errors = {}
+    measure = measure or (cfg.lqer_rank > 0 and cfg.lqer_top_k > 0)
     for n in names:
         qt = QTensor(codes[n], scales[n].half(), bits[n], str(weights[n].dtype).replace("torch.", ""),
                      None if awq[n] is None else awq[n].half(), seed)
-        w_hat = dequantize(qt)
-        errors[n] = hessian_error(w_orig[n], w_hat, h_orig[n])
-        base = hessian_error(w_orig[n], torch.zeros_like(w_hat), h_orig[n])
-        qt.info = {"k": ks[n], "rel_error": errors[n] / max(base, 1e-30)}
+        qt.info = {"k": ks[n]}
+        if measure:
+            w_hat = dequantize(qt)
+            errors[n] = hessian_error(w_orig[n], w_hat, h_orig[n])
+            base = hessian_error(w_orig[n], torch.zeros_like(w_hat), h_orig[n])
+            qt.info["rel_error"] = errors[n] / max(base, 1e-30)
         out[n] = qt
     if cfg.lqer_rank > 0 and cfg.lqer_top_k > 0:
         for n in sorted(names, key=lambda x: errors[x], reverse=True)[:cfg.lqer_top_k]:
@@ -267,13 +272,14 @@ def quantize_weights(weights: dict[str, torch.Tensor], hessians: dict[str, torch
             qt.lqer = f
             err = hessian_error(w_orig[n], dequantize(qt), h_orig[n])
             qt.info["lqer_gain"] = 1.0 - err / max(errors[n], 1e-30)
-    for qt in out.values():
-        qt.q, qt.scale = qt.q.cpu(), qt.scale.cpu()
-        qt.awq = None if qt.awq is None else qt.awq.cpu()
-        if qt.lqer is not None:
-            f = qt.lqer
-            qt.lqer = LQERFactors(f.a_q.cpu(), f.a_scale.cpu(), f.b_q.cpu(), f.b_scale.cpu(), f.a_bits, f.b_bits,
-                                  f.group)
+    if to_cpu:
+        for qt in out.values():
+            qt.q, qt.scale = qt.q.cpu(), qt.scale.cpu()
+            qt.awq = None if qt.awq is None else qt.awq.cpu()
+            if qt.lqer is not None:
+                f = qt.lqer
+                qt.lqer = LQERFactors(f.a_q.cpu(), f.a_scale.cpu(), f.b_q.cpu(), f.b_scale.cpu(), f.a_bits,
+                                      f.b_bits, f.group)
     t_end = time.perf_counter()
     report = {
         "seconds": {"transform": t_transform - t0, "scales": t_scales - t_transform, "hessian_prep": t_prep - t_scales,
@@ -289,5 +295,8 @@ def gptq_core(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor
     """Codes only (no transforms, no LQER, no reporting): what the speed target times. Inputs on the device."""
     cfg = cfg.replace(lqer_rank=0, hadamard=False, awq=False, mixed_bits=False,
                       clip_mode="sdclip" if cfg.clip_mode == "adaptive" else cfg.clip_mode)
-    qts, _ = quantize_weights(weights, hessians, cfg, device=next(iter(weights.values())).device, kernel=kernel)
+    qts, _ = quantize_weights(weights, hessians, cfg, device=next(iter(weights.values())).device, kernel=kernel,
+                              measure=False, to_cpu=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return {n: qt.q for n, qt in qts.items()}

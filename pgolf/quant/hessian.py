@@ -116,7 +116,7 @@ def collect_hessians(model: nn.Module, batches: Iterable[Any], targets: dict[str
     """
     targets = dict(default_targets(model, min_numel) if targets is None else targets)
     if head_input is not None:
-        head_name = head_name or embedding_name(model, linear_targets(model))
+        head_name = head_name or embedding_name(model)
         if head_name is None:
             raise ValueError("collect_hessians: head_input given but the model has no nn.Embedding; pass head_name")
         targets[head_name] = (head_input, "output") if isinstance(head_input, nn.Module) else head_input

@@ -69,6 +69,15 @@ def save_checkpoint(out_dir: str | os.PathLike, shared: dict, local: dict, rank:
     return final
 
 
+def clear_outputs(out_dir: str | os.PathLike) -> None:
+    """A fresh run in an old run directory: drop the old final.pt and checkpoints, so that nothing of the old
+    run can pass for this run's (e.g. as "the last good checkpoint" after a NaN)."""
+    out = Path(out_dir)
+    (out / FINAL_FILE).unlink(missing_ok=True)
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp", CHECKPOINT_DIR + ".old"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
 def _complete(path: Path) -> bool:
     return (path / SHARED_FILE).is_file() and (path / META_FILE).is_file()
 

@@ -53,7 +53,8 @@ def preset_overrides(preset: Any, classes: dict[str, type]) -> dict[str, dict]:
     for key, value in preset.items():
         owners = [c for c in classes if key in fields[c]]
         if not owners:
-            raise ValueError(f"preset field {key!r} is not a field of {', '.join(cls.__name__ for cls in classes.values())}")
+            names = ", ".join(cls.__name__ for cls in classes.values())
+            raise ValueError(f"preset field {key!r} is not a field of {names}")
         for c in owners:
             out[c][key] = value
     return out

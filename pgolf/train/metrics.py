@@ -93,6 +93,7 @@ class MetricsLogger:
         """Drop records past `step` (a resumed run redoes those steps), atomically."""
         if not self.enabled or not self.path.exists():
             return
+        self.close()  # the rewrite replaces the file: a handle kept open would append to the old one
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as fh:
@@ -102,6 +103,7 @@ class MetricsLogger:
 
     def reset(self) -> None:
         """A fresh run starts an empty metrics file."""
+        self.close()
         if self.enabled and self.path.exists():
             self.path.unlink()
 

@@ -3,7 +3,7 @@
 `build_optimizer(param_groups, cfg)` returns one object the trainer drives:
 
     opt.set_lr_scale(schedule(t)); opt.set_step(step)   # LR schedule and momentum warmup
-    loss.backward(); opt.step(); opt.zero_grad()
+    loss.backward(); opt.step(); opt.zero_grad()     # step() consumes (may overwrite) the gradients
 
 Groups, by the key the model gives them: "matrix" (2-D weights, or 3-D banks of matrices) -> Muon; "embed",
 "scalar" and "head" -> AdamW. Weight decay is decoupled and scaled by the current LR (p *= 1 - lr*wd) in every
@@ -126,6 +126,14 @@ class MatrixBank:
         m, n = self.shape
         return [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1, m, n) for p in self.params]
 
+    def stacked_grad(self) -> torch.Tensor | None:
+        """The gradient as (count, m, n) fp32 without a copy, when the bank is one contiguous fp32 3-D tensor."""
+        p = self.params[0]
+        if len(self.params) == 1 and p.dim() == 3 and p.grad is not None and p.grad.dtype == torch.float32 \
+                and p.grad.is_contiguous():
+            return p.grad
+        return None
+
     def gather_grads(self, out: torch.Tensor) -> torch.Tensor:
         """Stack the gradients into `out[:count]` (fp32; missing gradients count as zero) and zero the padding."""
         grads = self.grads()
@@ -165,14 +173,16 @@ class Muon:
         self.banks = make_banks(params)
         self.bufs = [torch.zeros((b.count, *b.shape), device=b.params[0].device, dtype=torch.float32)
                      for b in self.banks]
-        self.grads: list[torch.Tensor] = [torch.empty_like(buf) for buf in self.bufs]
+        self.stacked: list[torch.Tensor] = [torch.empty_like(buf) for buf in self.bufs]
+        self.grads: list[torch.Tensor] = list(self.stacked)
         device = self.bufs[0].device if self.bufs else torch.device("cpu")
         self.orthogonalize = make_orthogonalizer(cfg, [tuple(b.shape) for b in self.bufs], device)
 
     def prepare(self) -> None:
-        """Stack the gradients of each bank."""
-        for bank, g in zip(self.banks, self.grads):
-            bank.gather_grads(g)
+        """Stack the gradients of each bank (a 3-D bank's own gradient is used in place, and overwritten)."""
+        for i, bank in enumerate(self.banks):
+            own = bank.stacked_grad()
+            self.grads[i] = own if own is not None else bank.gather_grads(self.stacked[i])
 
     def grad_sq_norm(self) -> torch.Tensor:
         """Sum of squares of all bank gradients (after `prepare`)."""

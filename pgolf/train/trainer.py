@@ -122,6 +122,8 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self._save_requested = False
+        self._phase_steps = {False: 0, True: 0}
+        self._phase_seconds = {False: 0.0, True: 0.0}
         self._use_compile = train_cfg.compile == "on" or (train_cfg.compile == "auto" and self.is_cuda)
         self._fullgraph = train_cfg.compile_fullgraph
         self.forward = self._compile() if self._use_compile else self.model
@@ -369,6 +371,9 @@ class Trainer:
             self._describe()
             if resume_path is None:
                 self.metrics.reset()
+                if self.info.is_main:
+                    ckpt.clear_outputs(self.out_dir)
+                pdist.barrier()
             self._warmup()
             if resume_path is not None:
                 self.load_checkpoint(resume_path)
@@ -403,7 +408,10 @@ class Trainer:
             loss_t = self._train_step(self.step, scale)
             self.step += 1
             self.averager.update(self.model, self.step, scale)
+            before = self.elapsed
             loss, self.elapsed, save_now = self._agree(loss_t)
+            self._phase_steps[self.recurrence_active] += 1
+            self._phase_seconds[self.recurrence_active] += self.elapsed - before
             if not math.isfinite(loss):
                 self.clock.pause()
                 self._diverged(loss)
@@ -434,11 +442,23 @@ class Trainer:
         self.clock.pause()
         return self._finish(stop_reason)
 
+    def speed_by_phase(self) -> dict[str, float]:
+        """Mean ms/step and tokens/s of the timed steps of this process, without and with recurrence."""
+        out = {}
+        for active, name in ((False, "loop_off"), (True, "loop_on")):
+            steps, seconds = self._phase_steps[active], self._phase_seconds[active]
+            if steps and seconds > 0:
+                out[f"ms_per_step_{name}"] = 1000.0 * seconds / steps
+                out[f"tokens_per_s_{name}"] = self.cfg.train_batch_tokens * steps / seconds
+        return out
+
     def _finish(self, stop_reason: str) -> TrainResult:
         cfg = self.cfg
         peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.is_cuda else None
+        speed = self.speed_by_phase()
         self._say(f"stopped ({stop_reason}) at step {self.step} after {self.elapsed:.1f} s of training"
-                  + (f"; peak memory {peak_mb:.0f} MiB" if peak_mb is not None else ""))
+                  + (f"; peak memory {peak_mb:.0f} MiB" if peak_mb is not None else "")
+                  + "".join(f"; {k} {v:,.1f}" for k, v in speed.items()))
         checkpoint_path = self.save_checkpoint()
         weights = self.averager.source
         export = self.averager.export_state(self.model)
@@ -455,7 +475,7 @@ class Trainer:
         pdist.barrier()
         self.metrics.log("final", step=self.step, elapsed_s=self.elapsed, stop_reason=stop_reason,
                          val_loss=val_loss, val_bpb=val_bpb, weights=weights, peak_memory_mb=peak_mb,
-                         recurrence=self.recurrence_active, final_path=str(final_path))
+                         recurrence=self.recurrence_active, final_path=str(final_path), **speed)
         self._say(f"wrote {final_path} ({weights} weights)"
                   + (f": val_loss {val_loss:.4f} val_bpb {val_bpb:.4f}" if val_bpb is not None else ""))
         return TrainResult(self.step, self.elapsed, stop_reason, val_loss, val_bpb, weights, final_path,

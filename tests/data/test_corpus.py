@@ -121,6 +121,15 @@ def test_hash_split_never_mixes(tmp_path, docs):
     assert 10 <= n_val <= 70
 
 
+def test_bad_input_stops_the_workers(tmp_path):
+    (tmp_path / "x-val.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "x-train.jsonl").write_text('{"text": "fine"}\n' * 50 + "{oops\n" + '{"text": "more"}\n' * 50)
+    with pytest.raises(ValueError, match=r"x-train.jsonl:51"):
+        prepare(DataConfig(input=(str(tmp_path),), out=str(tmp_path / "o"), tokenizer=str(sample_paths().tokenizer),
+                           workers=2, batch_docs=4, progress=False))
+    assert not list((tmp_path / "o").rglob("*.tmp"))
+
+
 def test_prepare_needs_validation(tmp_path):
     (tmp_path / "corpus.txt").write_text("a document")
     with pytest.raises(ValueError, match="no validation input"):

@@ -1,7 +1,7 @@
 """Small stand-ins for the evaluator tests: a causal LM with the pgolf model contract, byte tables, streams.
 
 TinyLM follows pgolf.model's interface: model(ids, targets, reduction="none") -> per-token NLL (B, T) float32,
-model(ids) -> logits; config.doc_mask isolates documents at BOS. Like the real model it keeps its projections as
+model(ids) -> logits, hidden(ids) and head_weight() for the LoRA path; config.doc_mask isolates documents. Like the real model it keeps its projections as
 raw parameters used through F.linear and its head tied to the embedding. It has no positional encoding, so a
 token's score depends only on the tokens of its context, not on where the window puts them: sliding, packed
 and full-context scores agree to rounding. `smear=True` adds a SmearGate (x_t += g * x_{t-1}); with
@@ -60,15 +60,15 @@ class TinyLM(nn.Module):
     def __init__(self, vocab: int = 48, dim: int = 32, layers: int = 2, heads: int = 2, seq_len: int = 32,
                  doc_mask: bool = True, smear: bool = False, smear_bos_mask: bool = True):
         super().__init__()
-        self.config = SimpleNamespace(vocab_size=vocab, seq_len=seq_len, doc_mask=doc_mask, max_docs_per_row=0)
+        self.config = SimpleNamespace(vocab_size=vocab, seq_len=seq_len, doc_mask=doc_mask, max_docs_per_row=0,
+                                      logit_softcap=0.0)
         self.tok_emb = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.smear = smear
         self.smear_bos_mask = smear_bos_mask
         self.smear_gate = nn.Parameter(torch.tensor(0.5))
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids)
         if self.smear:
             gate = self.smear_gate * torch.ones_like(input_ids[:, 1:, None], dtype=x.dtype)
@@ -82,7 +82,14 @@ class TinyLM(nn.Module):
             mask = mask & (doc[:, :, None] == doc[:, None, :])
         for block in self.blocks:
             x = block(x, mask)
-        logits = F.linear(F.rms_norm(x, (x.size(-1),)), self.tok_emb.weight)
+        return F.rms_norm(x, (x.size(-1),))
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        logits = F.linear(self.hidden(input_ids), self.head_weight())
         if targets is None:
             return logits
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
@@ -114,3 +121,13 @@ def repeated_docs(n_docs: int, doc_len: int, vocab: int = 48, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     doc = np.concatenate([[pgolf.BOS_ID], rng.integers(4, vocab, size=doc_len - 1)])
     return np.tile(doc, n_docs).astype(np.int64)
+
+
+def pattern_docs(n_docs: int, pattern_len: int, reps: int, vocab: int = 48, seed: int = 0) -> np.ndarray:
+    """Documents that each repeat their own random pattern `reps` times: learnable within a document."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(n_docs):
+        pattern = rng.integers(4, vocab, size=pattern_len)
+        parts.append(np.concatenate([[pgolf.BOS_ID], np.tile(pattern, reps)]))
+    return np.concatenate(parts).astype(np.int64)

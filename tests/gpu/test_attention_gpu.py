@@ -67,11 +67,6 @@ def test_fused_near_zero_values():
     _against_reference(_fused, *_case(lengths, v_scale=scale), True)
 
 
-@pytest.mark.parametrize("layout", ["dense", "varlen"])
-def test_unfused_bf16(layout):
-    _against_reference(attn.attention_unfused, *_case(LAYOUTS[layout]), True)
-
-
 def test_default_path_and_compile():
     cu, q, k, v, dy = _case(LAYOUTS["varlen"])
     eager = _fwd_bwd(lambda q, k, v: attn.attention(q, k, v, cu, 1000), q, k, v, dy)
@@ -97,3 +92,8 @@ def test_deterministic_and_isolated():
     keep[lo:hi] = False
     for a, b in zip(first, changed):
         assert torch.equal(a[keep], b[keep])
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_unfused_bf16(layout):
+    _against_reference(attn.attention_unfused, *_case(LAYOUTS[layout]), True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 BOS = 1
 
@@ -232,6 +231,3 @@ def assert_close(a, b, tol=1e-4):
     assert err <= tol * max(1.0, scale), f"max abs err {err:.3e} (scale {scale:.3e})"
     assert not torch.isnan(a).any()
 
-
-def flat_logits_ce(logits, targets):
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")

@@ -123,6 +123,7 @@ def _dense_attention(q, k, v, cu_seqlens, max_seqlen, xsa=True):
     return xsa_reference(o, v) if xsa else o
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_fullgraph_compile(monkeypatch):
     """The model's own code traces into one graph (static cu_seqlens included); the Inductor backend is
     exercised on the GPU by the trainer."""

@@ -9,7 +9,8 @@ import torch
 
 from pgolf.train import checkpoint as ckpt
 from pgolf.train.metrics import read_metrics
-from test_trainer import data, losses, run, tiny_model, tiny_optim, tiny_train  # noqa: F401 (data: fixture)
+from test_trainer import (data, losses, one_thread, run, tiny_model, tiny_optim,  # noqa: F401 (fixtures)
+                          tiny_train)
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path):
@@ -48,7 +49,7 @@ def test_resume_after_a_kill_continues_the_same_curve(data, tmp_path):
     halted = run(data, out, checkpoint_every=3, halt_after_step=4, **kw)
     assert halted.stop_reason == "halt" and not (out / "final.pt").exists()
     assert ckpt.read_meta(out / "checkpoint")["step"] == 3
-    resumed = run(data, out, resume="auto", **kw)
+    resumed = run(data, out, resume="auto", warmup_steps=2, **kw)       # warm-up first, then the checkpoint
     assert resumed.step == 6
 
     whole, again = losses(tmp_path / "whole"), losses(out)
@@ -59,7 +60,8 @@ def test_resume_after_a_kill_continues_the_same_curve(data, tmp_path):
     assert a["weights"] == b["weights"] == "swa"
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6)
-    assert [r["step"] for r in read_metrics(out) if r.get("event") == "resume"] == [3]
+    events = [(r["event"], r["step"]) for r in read_metrics(out) if r["kind"] == "event"]
+    assert ("resume", 3) in events and ("warmup", 0) in events
 
 
 def test_sigusr1_requests_a_checkpoint(data, tmp_path):

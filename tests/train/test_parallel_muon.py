@@ -1,4 +1,5 @@
 """2-rank Parallel Muon (gloo on CPU) equals single-rank Muon on the averaged gradients after several steps."""
+import gc
 import os
 import socket
 
@@ -28,7 +29,6 @@ def grads_for(params, step, rank):
 def worker(rank, port, cfg):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
     try:
         par, ref = make_params(), make_params()
         opt = build_optimizer(par, cfg, process_group=dist.group.WORLD)
@@ -58,8 +58,12 @@ def worker(rank, port, cfg):
         opt.load_state_dict(ref_state)
         for a, b in zip(opt.state_dict()["muon"], ref_state["muon"]):
             torch.testing.assert_close(a, b)
-        dist.barrier()
+        del opt, ref_opt
     finally:
+        # Drop every async Work (and the tensors it holds) while the interpreter is alive: gloo's worker
+        # threads otherwise abort the process at exit now and then.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -41,10 +41,11 @@ def test_budget_leaves_the_reserve():
     s = Schedule.from_config(cfg)
     assert s.budget_seconds == 570.0 and s.iterations == 5000
     assert Schedule.from_config(TrainConfig(max_wallclock_seconds=0.0)).budget_seconds == 0.0
+    assert Schedule.from_config(TrainConfig()).budget_seconds == 588.0   # the default keeps 12 s for GPTQ
 
 
 def test_lr_at_chosen_times_of_a_600s_run():
-    s = Schedule.from_config(TrainConfig(max_wallclock_seconds=600.0, iterations=10**6))
+    s = Schedule.from_config(TrainConfig(max_wallclock_seconds=600.0, reserve_seconds=0.0, iterations=10**6))
     # warmdown starts at 90 s, scale 0.5 at 90 + 0.5*510 = 345 s, floor 0.1 from 0.9*600 = 540 s on.
     assert s.lr_scale(s.progress(0, 89.0)) == 1.0
     assert math.isclose(s.lr_scale(s.progress(0, 345.0)), 0.5, rel_tol=1e-12)

@@ -76,6 +76,15 @@ def data(tmp_path_factory) -> dict:
     return make_data(tmp_path_factory.mktemp("shards"))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a loaded 2-core machine two threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _independent_val(final: dict, data: dict, val_tokens: int) -> tuple[float, float, int]:
     """val_loss/val_bpb of final.pt's weights, computed here in one batch (no trainer code)."""
     from pgolf.data.loader import load_validation_tokens
@@ -133,6 +142,7 @@ def test_run_exports_final_metrics_and_config(data, tmp_path):
     assert [(r["step"], r["weights"], r["val_tokens"]) for r in vals] == [(2, "raw", n), (4, "ema", n)]
     (fin,) = [r for r in records if r["kind"] == "final"]
     assert fin["val_bpb"] == final["val_bpb"] and fin["stop_reason"] == "iterations"
+    assert fin["ms_per_step_loop_off"] > 0 and fin["tokens_per_s_loop_on"] > 0
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["iterations"] == 4 and cfg["model"]["loop_count"] == 2

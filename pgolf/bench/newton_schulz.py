@@ -1,0 +1,172 @@
+"""Bench suite `newton_schulz`: benches "newton_schulz" (the record's 66 bank matrices through 5 Polar Express
+steps) and "optimizer_step" (the whole MuonAdam step for the record model's parameter shapes).
+
+Impls: "pgolf" (Triton plan replayed as a CUDA graph), "pgolf-nograph" (same launches, eager), "eager"
+(batched torch matmuls, `newton_schulz_reference` per shape), "compile" (torch.compile of that reference).
+`python -m pgolf.bench.newton_schulz [--tune]` runs the suite on the GPU, writes bench/results/newton_schulz.json
+and prints a table; --tune also times tile-size variants of the plan.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+from pgolf.bench.harness import measure_ceilings, median_ms, row, write_results
+from pgolf.kernels import newton_schulz as ns
+
+RECORD_BANKS = [(22, 512, 512), (22, 256, 512), (11, 2048, 512), (11, 512, 2048)]
+TRAIN_STEP_MS = 95.8  # the record's 8xH100 step before looping (CHALLENGE.md), for the optimizer's share
+WORLD = 8
+
+TUNE_VARIANTS: dict[str, dict[str, int]] = {
+    "default": {},
+    "w4s4": {"warps": 4, "stages": 4},
+    "bn256": {"BN": 256, "stages": 3},
+    "bs64": {"BS": 64, "BK_GRAM": 64, "BK_POLY": 64},
+    "bk128": {"BK_GRAM": 128, "BK_POLY": 128, "BK_UPD": 128, "stages": 2},
+    "bm64": {"BM": 64, "BN": 128, "warps": 4, "stages": 4},
+}
+
+
+def shard_shapes(shapes: list[tuple[int, int, int]], world: int) -> list[tuple[int, int, int]]:
+    """What one rank orthogonalizes under Parallel Muon with `world` ranks."""
+    return [(-(-b // world), m, n) for b, m, n in shapes]
+
+
+def label(shapes: list[tuple[int, int, int]]) -> str:
+    return "+".join(f"{b}x{m}x{n}" for b, m, n in shapes)
+
+
+def ns_rows(shapes: list[tuple[int, int, int]], ceilings: dict[str, float], tag: str = "",
+            compile_too: bool = True) -> list[dict[str, Any]]:
+    inputs = [torch.randn(s, device="cuda").bfloat16() for s in shapes]
+    flops = ns.flops(shapes, symmetric=False)
+    extra = {"sym_flops": ns.flops(shapes), "min_bytes": ns.min_bytes(shapes)}
+    shape = label(shapes) + tag
+    rows = []
+    plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express")
+    for inp, g in zip(plan.inputs, inputs):
+        inp.copy_(g)
+    rows.append(row("newton_schulz", "pgolf", shape, median_ms(plan.run), flops, ceilings=ceilings, **extra))
+    eager_plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", graph=False)
+    rows.append(row("newton_schulz", "pgolf-nograph", shape, median_ms(eager_plan.run), flops, ceilings=ceilings))
+    ref = ns.newton_schulz_reference
+    rows.append(row("newton_schulz", "eager", shape, median_ms(lambda: [ref(g) for g in inputs]), flops,
+                    ceilings=ceilings))
+    if not compile_too:
+        return rows
+    compiled = torch.compile(ref)
+    rows.append(row("newton_schulz", "compile", shape, median_ms(lambda: [compiled(g) for g in inputs]), flops,
+                    ceilings=ceilings))
+    return rows
+
+
+def record_param_groups(device: str = "cuda") -> dict[str, list[torch.nn.Parameter]]:
+    """The record model's trainable shapes: 4 matrix banks, the tied 8192x512 embedding, vectors/scalars."""
+    mk = lambda *s: torch.nn.Parameter(torch.randn(*s, device=device) * 0.02)  # noqa: E731
+    return {"matrix": [mk(*s) for s in RECORD_BANKS], "embed": [mk(8192, 512)],
+            "scalar": [mk(512) for _ in range(60)] + [mk(1) for _ in range(30)]}
+
+
+def optimizer_rows(ceilings: dict[str, float]) -> list[dict[str, Any]]:
+    from pgolf.train.optim import OptimConfig, build_optimizer
+
+    rows = []
+    n_params = sum(p.numel() for ps in record_param_groups("meta").values() for p in ps)
+    for impl, mode in (("pgolf", "auto"), ("eager", "reference")):
+        os.environ["PGOLF_KERNELS"] = mode
+        groups = record_param_groups()
+        opt = build_optimizer(groups, OptimConfig())
+        grads = {id(p): torch.randn_like(p) * 0.01 for ps in groups.values() for p in ps}
+
+        def step() -> None:
+            for ps in groups.values():
+                for p in ps:
+                    p.grad = grads[id(p)].clone()
+            opt.step()
+
+        def grads_only() -> None:
+            for ps in groups.values():
+                for p in ps:
+                    p.grad = grads[id(p)].clone()
+
+        ms = median_ms(step) - median_ms(grads_only)
+        rows.append(row("optimizer_step", impl, f"record {n_params / 1e6:.1f}M params, 1 GPU", ms,
+                        ceilings=ceilings, share_of_train_step=round(ms / TRAIN_STEP_MS, 4)))
+    os.environ["PGOLF_KERNELS"] = "auto"
+    return rows
+
+
+def run(ceilings: dict[str, float], compile_too: bool = True) -> list[dict[str, Any]]:
+    rows = ns_rows(RECORD_BANKS, ceilings, compile_too=compile_too)
+    for shape in RECORD_BANKS:
+        rows += ns_rows([shape], ceilings, compile_too=compile_too)
+    rows += ns_rows(shard_shapes(RECORD_BANKS, WORLD), ceilings, tag=f" (1/{WORLD} shard)", compile_too=compile_too)
+    rows += optimizer_rows(ceilings)
+    return rows
+
+
+def tune(shapes: list[tuple[int, int, int]]) -> list[tuple[str, float, float]]:
+    """Time each tile variant of the graph-replayed plan; returns (name, ms, rel err vs fp64)."""
+    gs = [torch.randn(s, device="cuda") for s in shapes]
+    ref = [ns.newton_schulz_reference(g[:2].double(), 5, "polar_express", dtype=torch.float64) for g in gs]
+    out = []
+    for name, blocks in TUNE_VARIANTS.items():
+        try:
+            plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", blocks=blocks)
+            res = plan.as_orthogonalizer()(gs)
+            err = max(((o[:2].double() - r).norm() / r.norm()).item() for o, r in zip(res, ref))
+            out.append((name, median_ms(plan.run), err))
+        except Exception as exc:  # a variant that does not compile (shared memory) is reported, not fatal
+            out.append((name, float("nan"), float("nan")))
+            print(f"variant {name}: {type(exc).__name__}: {str(exc)[:200]}")
+    return out
+
+
+def profile(shapes: list[tuple[int, int, int]], blocks: dict[str, int] | None = None) -> str:
+    """Per-kernel GPU time of one eager run of the plan (which launch kind costs what)."""
+    plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", graph=False, blocks=blocks)
+    for inp in plan.inputs:
+        inp.copy_(torch.randn(inp.shape, device="cuda"))
+    plan.run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            plan.run()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'bench':15} {'impl':14} {'ms':>9} {'TFLOP/s':>8}  shape"]
+    for r in rows:
+        lines.append(f"{r['bench']:15} {r['impl']:14} {r['median_ms']:9.4f} {r.get('tflops', ''):>8}  {r['shape']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tune", action="store_true", help="also time tile-size variants of the plan")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave bench/results alone")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--profile", action="store_true", help="print the per-kernel time of the record plan")
+    args = parser.parse_args(argv)
+    ceilings = measure_ceilings()
+    print(f"ceilings: {ceilings}")
+    if args.tune:
+        for shapes in (RECORD_BANKS, shard_shapes(RECORD_BANKS, WORLD)):
+            for name, ms, err in tune(shapes):
+                print(f"tune {label(shapes):40} {name:10} {ms:8.4f} ms  rel err {err:.2e}")
+    if args.profile:
+        print(profile(RECORD_BANKS))
+    rows = run(ceilings, compile_too=not args.skip_compile)
+    if not args.no_write:
+        print(f"wrote {write_results('newton_schulz', rows)}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

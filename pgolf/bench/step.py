@@ -1,0 +1,148 @@
+"""End-to-end training-step benchmark of the record-shaped model on one GPU (suites train_step, train_step_looped).
+
+The model: 11L 512d 8H/4KV, MLP 4x, sp8192, seq 2048, 98,304 tokens per step (48 rows), XSA all layers, parallel
+lanes from layer 8, recurrence off (train_step) and on (train_step_looped: layers 3-5 x3, 17 virtual layers).
+Implementations: "pgolf" (Triton kernels, torch.compile around them) and "compile" (PGOLF_KERNELS=reference:
+eager reference kernels under torch.compile). Documents: BOS at realistic intervals (lengths drawn from a
+log-normal with the shared corpus's median), so the attention is document-masked as in training.
+
+MFU counts 6 x (matrix params, head included) per token plus causal attention 6 x layers x seq x dim per token
+(the dense-causal count, as the records report it), over the measured bf16 matmul ceiling.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+
+from pgolf import BOS_ID
+from pgolf.bench.harness import peak_memory_mb, row
+
+TOKENS = 98_304
+SEQ = 2048
+STEPS_WARM = 3
+STEPS_TIMED = 10
+
+
+@contextmanager
+def kernels_mode(mode: str):
+    old = os.environ.get("PGOLF_KERNELS")
+    os.environ["PGOLF_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PGOLF_KERNELS", None)
+        else:
+            os.environ["PGOLF_KERNELS"] = old
+
+
+def batch_with_documents(vocab: int, rows: int, seq: int, median_doc: float = 900.0, seed: int = 0):
+    """Random tokens with BOS at document starts; log-normal document lengths (sigma 1) around `median_doc`."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, vocab, (rows * seq + 1,), generator=gen)
+    pos = 0
+    while pos < tokens.numel():
+        tokens[pos] = BOS_ID
+        length = float(torch.empty(1).log_normal_(mean=float(torch.tensor(median_doc).log()), std=1.0, generator=gen))
+        pos += max(2, int(length))
+    x = tokens[:-1].view(rows, seq).cuda()
+    y = tokens[1:].view(rows, seq).cuda()
+    return x, y
+
+
+def flops_per_token(model, cfg) -> float:
+    matrix = sum(p.numel() for p in model.param_groups()["matrix"])
+    head = cfg.vocab_size * cfg.model_dim
+    return 6.0 * (matrix + head) + 6.0 * model.virtual_layers() * SEQ * cfg.model_dim
+
+
+def time_steps(step, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def breakdown(step) -> dict[str, float]:
+    """Share of CUDA time by kernel family over 2 profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    families = {"attention": ("attn", "flash", "fmha", "sdpa", "cudnn"), "mlp": ("mlp",),
+                "cross_entropy": ("softcap", "cross_entropy", "_ce_"), "newton_schulz": ("ns_", "newton", "gram"),
+                "gemm": ("gemm", "sm90", "cutlass", "nvjet", "matmul", "mm_"),
+                "elementwise/fused": ("triton_", "elementwise", "vectorized", "reduce")}
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if not t:
+            continue
+        name = evt.key.lower()
+        family = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        totals[family] = totals.get(family, 0.0) + t
+    whole = sum(totals.values()) or 1.0
+    return {k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def bench_one(looped: bool, mode: str, ceilings: dict) -> dict:
+    from pgolf.model import GPT
+    from pgolf.model.config import ModelConfig
+    from pgolf.train.optim import OptimConfig, build_optimizer
+
+    torch.manual_seed(0)
+    with kernels_mode(mode):
+        cfg = ModelConfig()
+        model = GPT(cfg).cuda()
+        model.set_recurrence(looped)
+        opt = build_optimizer(model.param_groups(), OptimConfig())
+        compiled = torch.compile(model, dynamic=False)
+        x, y = batch_with_documents(cfg.vocab_size, TOKENS // SEQ, SEQ)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = compiled(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t0 = time.perf_counter()
+        for _ in range(STEPS_WARM):
+            step()
+        torch.cuda.synchronize()
+        warm_s = time.perf_counter() - t0
+        times = sorted(time_steps(step, STEPS_TIMED))
+        ms = times[len(times) // 2]
+        peak = peak_memory_mb(step)
+        parts = breakdown(step)
+        flops = flops_per_token(model, cfg) * TOKENS
+    name = "train_step_looped" if looped else "train_step"
+    impl = "pgolf" if mode == "auto" else "compile"
+    shape = f"11L512d sp8192 {TOKENS}tok virt{model.virtual_layers()}"
+    r = row(name, impl, shape, ms, flops=flops, ceilings=ceilings, tokens_per_s=round(TOKENS / ms * 1e3),
+            mfu=round(flops / ms / 1e9 / ceilings["tflops"], 3), peak_mem_mb=round(peak), warmup_s=round(warm_s, 1),
+            breakdown=parts)
+    del model, opt, compiled
+    torch.cuda.empty_cache()
+    return r
+
+
+def run(ceilings: dict) -> list[dict]:
+    rows = []
+    for looped in (False, True):
+        for mode in ("auto", "reference"):
+            r = bench_one(looped, mode, ceilings)
+            print(f"{r['bench']:18s} {r['impl']:8s} {r['median_ms']:8.2f} ms  {r['tokens_per_s']:>9,} tok/s  "
+                  f"MFU {r['mfu']:.3f}  peak {r['peak_mem_mb']} MB  {r['breakdown']}", flush=True)
+            rows.append(r)
+    return rows

@@ -1,0 +1,106 @@
+"""`pgolf quant CHECKPOINT`: calibrate, GPTQ-quantize, compress and size-check a trained checkpoint.
+
+The checkpoint is a torch.save of {"model_config": dict, "model": state_dict}; `load_checkpoint` and
+`build_model` are the only places that know that format and the model package's constructor.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from pgolf.config import add_arguments as add_config_arguments
+from pgolf.config import resolve, to_dict
+from pgolf.quant.config import QuantConfig
+
+SHARD_HEADER_BYTES = 1024  # 256 int32 (CHALLENGE.md), then uint16 tokens
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(model_config, state_dict) of a checkpoint file."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: expected a torch.save of {{'model_config': dict, 'model': state_dict}}")
+    return dict(ckpt.get("model_config") or {}), ckpt["model"]
+
+
+def build_model(model_config: dict[str, Any]) -> nn.Module:
+    """The model for a checkpoint's config (needed only to calibrate Hessians)."""
+    import pgolf.model as model_pkg
+
+    if hasattr(model_pkg, "build_model"):
+        return model_pkg.build_model(model_config)
+    raise RuntimeError("pgolf quant: pgolf.model has no build_model(model_config); adapt "
+                       "pgolf/quant/cli.py:build_model to the model package")
+
+
+def shard_batches(pattern: str, batches: int, seq_len: int, batch_size: int = 1) -> Iterator[torch.Tensor]:
+    """Consecutive (batch_size, seq_len) windows from contest token shards matching `pattern`."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"pgolf quant: no token shards match {pattern!r}")
+    need = batches * batch_size * seq_len
+    tokens = []
+    for f in files:
+        tokens.append(np.fromfile(f, dtype="<u2", offset=SHARD_HEADER_BYTES))
+        if sum(t.size for t in tokens) >= need:
+            break
+    flat = np.concatenate(tokens)[:need]
+    if flat.size < need:
+        raise ValueError(f"pgolf quant: shards hold {flat.size} tokens, calibration needs {need}")
+    data = torch.from_numpy(flat.astype(np.int64)).view(batches, batch_size, seq_len)
+    yield from data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="torch.save of {'model_config': dict, 'model': state_dict}")
+    parser.add_argument("--out", default=None, help="artifact path [default: CHECKPOINT with suffix .pgq]")
+    parser.add_argument("--code-file", action="append", default=[],
+                        help="file whose size counts as code bytes (repeatable; adds to --code-bytes)")
+    parser.add_argument("--calib-data", default=None, help="glob of token shards for --calib-source train")
+    parser.add_argument("--device", default=None, help="cuda or cpu [default: cuda if present]")
+    parser.add_argument("--report", default=None, help="write the JSON report here")
+    parser.add_argument("--compare", action="store_true", help="also report each single compressor's size")
+    add_config_arguments(parser, QuantConfig, "quantization (QuantConfig)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pgolf.quant.artifact import compressor_table, export_state_dict
+    from pgolf.quant.hessian import collect_hessians, generate_calibration
+
+    cfg = resolve(QuantConfig, args)
+    code_bytes = cfg.code_bytes + sum(Path(f).stat().st_size for f in args.code_file)
+    cfg = cfg.replace(code_bytes=code_bytes)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_config, state_dict = load_checkpoint(args.checkpoint)
+    hessians: dict[str, torch.Tensor] = {}
+    if cfg.calib_source != "none":
+        model = build_model(model_config)
+        model.load_state_dict(state_dict)
+        model.to(device)
+        if cfg.calib_source == "self":
+            ids = generate_calibration(model, cfg.calib_seqs, cfg.calib_seq_len, cfg.calib_temperature, device=device)
+            batches = ids.split(8)
+        else:
+            if not args.calib_data:
+                raise SystemExit("pgolf quant: --calib-source train needs --calib-data GLOB (or use self/none)")
+            batches = (b.to(device) for b in shard_batches(args.calib_data, cfg.calib_batches, cfg.calib_seq_len))
+        hessians = collect_hessians(model, batches)
+    out = args.out or str(Path(args.checkpoint).with_suffix(".pgq"))
+    meta = {"model_config": model_config, "quant_config": to_dict(cfg)}
+    qm, report = export_state_dict(state_dict, hessians, cfg, meta, out, device)
+    if args.compare:
+        report["compressors"] = compressor_table(qm)
+    summary = {k: report[k] for k in ("model_bytes", "code_bytes", "total_bytes", "budget_bytes", "headroom_bytes")}
+    print(json.dumps({"artifact": out, **summary, "streams": report["streams"],
+                      "quant_seconds": report["quant"]["seconds"]}, indent=1))
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1, default=str))
+    return 0
