@@ -75,9 +75,9 @@ def _wall_ms(fn, repeats: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _triton_kernel(block_r: int, num_warps: int):
+def _triton_kernel(block_r: int, num_warps: int, prefetch: bool):
     def kernel(w, u, s, qm, rm, bs):
-        return gptq_quantize_triton(w, u, s, qm, rm, bs, block_r=block_r, num_warps=num_warps)
+        return gptq_quantize_triton(w, u, s, qm, rm, bs, block_r=block_r, num_warps=num_warps, prefetch=prefetch)
     return kernel
 
 
@@ -86,14 +86,18 @@ def sweep_flops(weights: dict[str, torch.Tensor]) -> float:
     return float(sum(w.shape[0] * w.shape[1] ** 2 for w in weights.values()))
 
 
-def tune(weights, hessians, configs=((16, 4), (32, 4), (16, 2), (32, 8), (64, 8))) -> list[tuple[int, int, float]]:
-    """Whole-model wall time (ms) per (block_r, num_warps)."""
+TUNING = ((16, 4, True), (16, 4, False), (16, 2, True), (32, 4, True), (32, 8, True), (64, 8, True), (16, 1, True))
+
+
+def tune(weights, hessians, configs=TUNING) -> list[tuple[int, int, bool, float]]:
+    """Whole-model wall time (ms) per (block_r, num_warps, prefetch)."""
     cfg = _config()
     out = []
-    for block_r, warps in configs:
-        kernel = _triton_kernel(block_r, warps)
+    for block_r, warps, prefetch in configs:
+        kernel = _triton_kernel(block_r, warps, prefetch)
         gptq_core(weights, hessians, cfg, kernel=kernel)
-        out.append((block_r, warps, _wall_ms(lambda: gptq_core(weights, hessians, cfg, kernel=kernel), 5)))
+        out.append((block_r, warps, prefetch,
+                    _wall_ms(lambda: gptq_core(weights, hessians, cfg, kernel=kernel), 5)))
     return out
 
 
@@ -110,3 +114,64 @@ def run(ceilings: dict) -> list[dict]:
                 matrices=len(weights)),
             row("gptq_model", "eager", SHAPE, eager_ms, flops=flops, ceilings=ceilings, matrices=len(weights))]
     return rows
+
+
+def options_table(weights, hessians) -> list[dict]:
+    """Wall time and mean relative Hessian-weighted error of the full quantizer under each option."""
+    from pgolf.quant.gptq import quantize_weights
+
+    base = QuantConfig(quant_min_numel=0, lqer_rank=0)
+    variants = {"gptq sdclip": {}, "rtn sdclip": {"gptq": False}, "+hadamard": {"hadamard": True},
+                "+awq": {"awq": True}, "+lqer r4 top3": {"lqer_rank": 4}, "clip search": {"clip_mode": "search"},
+                "clip percentile": {"clip_mode": "percentile"}}
+    out = []
+    for label, changes in variants.items():
+        cfg = base.replace(**changes)
+        quantize_weights(weights, hessians, cfg, to_cpu=False)  # warm
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _, rep = quantize_weights(weights, hessians, cfg, to_cpu=False)
+        seconds = time.perf_counter() - t0
+        errs = [t["rel_error"] for t in rep["tensors"].values()]
+        out.append({"option": label, "seconds": round(seconds, 3), "mean_rel_error": sum(errs) / len(errs),
+                    "breakdown": {k: round(v, 4) for k, v in rep["seconds"].items()}})
+    return out
+
+
+def main() -> None:
+    """Device run: suite rows, tuning sweep, option table, and a rANS artifact of the synthetic model in $OUT."""
+    import json
+    import os
+    from pathlib import Path
+
+    from pgolf.bench.harness import measure_ceilings, write_results
+    from pgolf.quant.artifact import build_quantized_model, save_artifact
+    from pgolf.quant.gptq import quantize_weights
+
+    out = Path(os.environ.get("OUT", "."))
+    rows = run(measure_ceilings())
+    weights, hessians = record_model_problem("cuda")
+    tuning = tune(weights, hessians)
+    options = options_table(weights, hessians)
+    qts, _ = quantize_weights(weights, hessians, QuantConfig(quant_min_numel=0))
+    qm = build_quantized_model({n: w.cpu() for n, w in weights.items()}, qts, QuantConfig(quant_min_numel=0))
+    t0 = time.perf_counter()
+    art = save_artifact(qm, out / "synthetic_record.pgq", compressor="rans", report_only=True)
+    art_seconds = time.perf_counter() - t0
+    write_results("gptq_model", rows, directory=out)
+    (out / "gptq_extra.json").write_text(json.dumps({"tuning": tuning, "options": options, "artifact": art,
+                                                     "artifact_seconds": art_seconds}, indent=1, default=str))
+    print("\nblock_r warps prefetch  ms")
+    for block_r, warps, prefetch, ms in tuning:
+        print(f"{block_r:7d} {warps:5d} {str(prefetch):8s} {ms:8.2f}")
+    print("\noption              s      mean rel err")
+    for o in options:
+        print(f"{o['option']:18s} {o['seconds']:6.3f}  {o['mean_rel_error']:.5f}  {o['breakdown']}")
+    print(f"\nrANS artifact {art['model_bytes']:,} B in {art_seconds:.1f} s")
+    print("\nbench impl   median_ms  same_ints")
+    for r in rows:
+        print(f"{r['bench']} {r['impl']:6s} {r['median_ms']:10.2f}  {r.get('same_ints', '')}  {r['device']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -86,6 +86,8 @@ def check_leaks(score_fn: ScoreFn, tokens: np.ndarray, vocab_size: int, *, cuts:
 
     if cuts is None:
         cuts = sorted(rng.choice(np.arange(1, n - 1), size=min(n_cuts, n - 2), replace=False).tolist())
+    if any(not 1 <= t < n - 1 for t in cuts):
+        raise ValueError(f"cuts must lie in [1, {n - 2}] for a stream of {n} tokens, got {list(cuts)}")
     for t in cuts:
         scores = np.asarray(score_fn(_replace(tokens, np.arange(t + 1, n), vocab_size, rng)))
         bad = _changed(base, scores, np.arange(1, t + 1), atol, rtol)

@@ -6,10 +6,11 @@ KV head h // (Hq // Hkv). Scale 1/sqrt(D); QK gain and Q/K norms are applied by 
 XSA: y_t = o_t - (o_t . v̂_t) v̂_t, v̂_t = v_t / max(||v_t||, eps), v_t the token's own value of that KV head.
 
 Two paths on CUDA (notes/attention.md has the measurements that pick the default):
-- fused: a varlen flash attention in Triton, forward and backward, XSA in the forward epilogue and in a small
-  backward prologue kernel. Document masking needs no per-document grid: each query block walks the keys from
-  the document start of its first row to its last row, masking per row with that row's document start, so a
-  block may straddle documents and no program is idle.
+- fused: a varlen flash attention in Triton, forward and backward, XSA in the forward epilogue and in the
+  backward kernels' prologue (dq) and epilogue (dk/dv). Document masking needs no per-document grid: each query
+  block walks the keys from the document start of its first row to its last row, masking per row with that
+  row's document start, so a block may straddle documents and no program is idle. fp32 inputs on a GPU get
+  tf32 matmuls (bf16 is the intended dtype).
 - unfused: flash_attn's varlen function where `import flash_attn` works, else cuDNN SDPA for equal-length
   documents or FlexAttention with a document mask, and a compiled XSA after it.
 `PGOLF_ATTENTION=fused|unfused` overrides the default.
@@ -69,6 +70,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
         raise ValueError(f"{where}: cu_seqlens must be 1-D int32 with N+1 >= 2 entries; got "
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if max(x.stride(0) * x.shape[0] for x in (q, k, v)) >= 2**31:
+        raise ValueError(f"{where}: the kernels index with int32; split batches of 2**31 or more elements")
     if cu_seqlens.device != q.device:
         raise ValueError(f"{where}: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
 
@@ -108,8 +111,8 @@ class KernelConfig:
 
 # Tuned on an H100 (notes/attention.md); the interpreter gets small blocks so tests cross block boundaries.
 FWD_CONFIG = KernelConfig(64, 64, 8, 3, 2)
-DKDV_CONFIG = KernelConfig(32, 64, 4, 3)
-DQ_CONFIG = KernelConfig(64, 64, 4, 3, 1)
+DKDV_CONFIG = KernelConfig(64, 64, 4, 3)
+DQ_CONFIG = KernelConfig(64, 64, 4, 3, 2)
 INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1, 2)
 
 if triton_available():

@@ -6,7 +6,6 @@ which on CPU tensors only works under `TRITON_INTERPRET=1` (how the CPU tests ru
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -22,14 +21,21 @@ def say_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # pragma: no cover - depends on the install
         return False
     return True
+
+
+_TRITON = _probe_triton()
+
+
+def triton_available() -> bool:
+    """Whether Triton imports here (probed once at import, so compiled graphs see a constant)."""
+    return _TRITON
 
 
 def interpreting() -> bool:

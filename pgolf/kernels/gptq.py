@@ -131,10 +131,9 @@ if triton is not None:
                 if PREFETCH:
                     urow = urow_next
                     d = d_next
-                    more = j + 1 < nb
-                    urow_next = tl.load(u_base + (jj + 1) * C + cols, mask=cmask & (cols > jj + 1) & more,
-                                        other=0.0)
-                    d_next = tl.load(u_base + (jj + 1) * C + jj + 1, mask=more, other=1.0)
+                    jn = tl.minimum(jj + 1, C - 1)  # past the block's end: a valid, unused row
+                    urow_next = tl.load(u_base + jn * C + cols, mask=cmask & (cols > jn), other=0.0)
+                    d_next = tl.load(u_base + jn * C + jn)
                 else:
                     d = tl.load(u_base + jj * C + jj)
                     urow = tl.load(u_base + jj * C + cols, mask=cmask & (cols > jj), other=0.0)

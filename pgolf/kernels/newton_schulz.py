@@ -201,6 +201,70 @@ if triton is not None:
         tl.store(Y + x_off + rows[:, None] * ldx + cols[None, :], val.to(Y.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _muon_direction(G, BUF, OUT, SCALE, rows_total, m, n, osb, osr, osc, momentum,
+                        HAS_SCALE: tl.constexpr, NESTEROV: tl.constexpr, EQ_R: tl.constexpr,
+                        R: tl.constexpr, NP: tl.constexpr):
+        """R whole rows: BUF <- mu*BUF + s*G; OUT <- rownorm(s*G + mu*BUF or BUF), cast, at OUT's strides."""
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        cols = tl.arange(0, NP)
+        mask = (rows[:, None] < rows_total) & (cols[None, :] < n)
+        offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * tl.load(SCALE)
+        buf = momentum * tl.load(BUF + offs, mask=mask, other=0.0) + g
+        tl.store(BUF + offs, buf, mask=mask)
+        if NESTEROV:
+            u = g + momentum * buf
+        else:
+            u = buf
+        if EQ_R:
+            u = u / tl.maximum(tl.sqrt(tl.sum(u * u, axis=1)), 1e-7)[:, None]
+        b = rows // m
+        i = rows % m
+        out = OUT + b[:, None].to(tl.int64) * osb + i[:, None] * osr + cols[None, :] * osc
+        tl.store(out, u.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _muon_apply(P, U, m, n, usb, usr, usc, decay, step, BR: tl.constexpr, BC: tl.constexpr):
+        """P <- P*decay - step*U for one (BR, BC) tile of matrix program_id(0); U at its own strides."""
+        b = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(1) * BR + tl.arange(0, BR)
+        c = tl.program_id(2) * BC + tl.arange(0, BC)
+        mask = (r[:, None] < m) & (c[None, :] < n)
+        pp = P + b * m * n + r[:, None] * n + c[None, :]
+        u = tl.load(U + b * usb + r[:, None] * usr + c[None, :] * usc, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(pp, mask=mask, other=0.0).to(tl.float32)
+        tl.store(pp, (p * decay - step * u).to(P.dtype.element_ty), mask=mask)
+
+
+def muon_direction_into(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tensor, momentum: float,
+                        nesterov: bool, eq_r: bool, grad_scale: torch.Tensor | None = None) -> None:
+    """Fused Muon momentum and MuonEq-R: buf <- mu*buf + s*grad; out <- rownorm(s*grad + mu*buf) (Nesterov) or
+    rownorm(buf), written at out's strides (e.g. a `NewtonSchulzPlan` input). grad, buf: contiguous (B, m, n)."""
+    batch, m, n = buf.shape
+    if not (grad.is_contiguous() and buf.is_contiguous() and buf.dtype == torch.float32):
+        raise ValueError("muon_direction_into: grad and buf must be contiguous, buf fp32")
+    np2 = triton.next_power_of_2(n)
+    r = max(1, min(64, 8192 // np2))
+    scale = grad_scale if grad_scale is not None else buf
+    _muon_direction[(triton.cdiv(batch * m, r),)](
+        grad, buf, out, scale, batch * m, m, n, *out.stride(), float(momentum), HAS_SCALE=grad_scale is not None,
+        NESTEROV=nesterov, EQ_R=eq_r, R=r, NP=np2, num_warps=8 if np2 >= 2048 else 4)
+
+
+def muon_apply(param: torch.Tensor, update: torch.Tensor, lr: float, wd: float, scale: float) -> None:
+    """param <- param*(1 - lr*wd) - lr*scale*update in one pass; param contiguous (B, m, n) or (m, n)."""
+    p = param.unsqueeze(0) if param.dim() == 2 else param
+    u = update.reshape(p.shape) if update.dim() != 3 else update
+    if not p.is_contiguous():
+        raise ValueError("muon_apply: the parameter must be contiguous")
+    batch, m, n = p.shape
+    grid = (batch, triton.cdiv(m, 64), triton.cdiv(n, 64))
+    _muon_apply[grid](p, u, m, n, *u.stride(), 1.0 - lr * wd, lr * scale, BR=64, BC=64, num_warps=4)
+
+
 def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 

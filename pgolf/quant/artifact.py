@@ -314,8 +314,8 @@ def build_blob(qm: QuantizedModel, compressor: str = "best", workers: int | None
     inner = _container([(s[0], "plain" if s[1] == "shuffle" else s[1], "none", s[3],
                          s[4] if s[1] == "rans" else s[3]) for s in streams])
     methods = [m for m in ("zstd", "lzma", "brotli") if m in cz.available_methods()]
-    if compressor not in ("best", "rans"):
-        methods = [compressor]
+    if compressor != "best":
+        methods = [] if compressor == "rans" else [compressor]
     for method in methods:
         solid = _container([("solid", "plain", method, inner, cz.compress_bytes(inner, method))])
         tried[f"solid:{method}"] = len(solid)

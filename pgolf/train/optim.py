@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -93,23 +93,34 @@ def muon_direction(grad: torch.Tensor, buf: torch.Tensor, momentum: float, neste
     return row_normalize(u) if eq_r else u
 
 
-Orthogonalizer = Callable[[list[torch.Tensor]], list[torch.Tensor]]
-
-
-def orthogonalize_each(steps: int, schedule: str) -> Orthogonalizer:
-    """Newton-Schulz on each (B, m, n) stack: one batched call per shape."""
-    return lambda updates: [newton_schulz(u, steps, schedule) for u in updates]
-
-
-def make_orthogonalizer(cfg: OptimConfig, shapes: list[tuple[int, int, int]], device: torch.device) -> Orthogonalizer:
-    """All shapes of one step through Newton-Schulz: one captured Triton plan on CUDA, batched calls elsewhere."""
-    from pgolf.kernels.dispatch import use_triton
+def make_plan(cfg: OptimConfig, shapes: list[tuple[int, int, int]], device: torch.device) -> Any:
+    """A captured Triton Newton-Schulz plan for these (B, m, n) stacks on CUDA; None elsewhere (then the
+    batched `newton_schulz` calls and plain torch ops run)."""
     from pgolf.kernels import newton_schulz as ns
+    from pgolf.kernels.dispatch import use_triton
 
-    probe = torch.empty(0, device=device)
-    if shapes and use_triton(probe) and device.type == "cuda":
-        return ns.NewtonSchulzPlan(shapes, cfg.ns_steps, cfg.ns_schedule, device=device).as_orthogonalizer()
-    return orthogonalize_each(cfg.ns_steps, cfg.ns_schedule)
+    if shapes and device.type == "cuda" and use_triton(torch.empty(0, device=device)):
+        return ns.NewtonSchulzPlan(shapes, cfg.ns_steps, cfg.ns_schedule, device=device)
+    return None
+
+
+def orthogonalize(plan: Any, grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float,
+                  cfg: OptimConfig, grad_scale: torch.Tensor | None) -> list[torch.Tensor]:
+    """Momentum, MuonEq-R and Newton-Schulz for (B, m, n) stacks; fused kernels into `plan` when given.
+    `grads` may be overwritten."""
+    if plan is not None:
+        from pgolf.kernels.newton_schulz import muon_direction_into
+
+        for g, buf, dst in zip(grads, bufs, plan.inputs):
+            muon_direction_into(g, buf, dst, momentum, cfg.nesterov, cfg.muon_eq_r, grad_scale)
+        return plan.run()
+    out = []
+    for g, buf in zip(grads, bufs):
+        if grad_scale is not None:
+            g.mul_(grad_scale)
+        out.append(newton_schulz(muon_direction(g, buf, momentum, cfg.nesterov, cfg.muon_eq_r),
+                                 cfg.ns_steps, cfg.ns_schedule))
+    return out
 
 
 class MatrixBank:
@@ -147,6 +158,12 @@ class MatrixBank:
     @torch.no_grad()
     def apply(self, update: torch.Tensor, lr: float, wd: float) -> None:
         """W <- W*(1 - lr*wd) - lr*scale*O for each matrix, O = `update[:count]` (any dtype)."""
+        if update.is_cuda and all(p.is_contiguous() for p in self.params):
+            from pgolf.kernels.newton_schulz import muon_apply
+
+            for p, o in zip(self.params, update[: self.count].split(self.counts)):
+                muon_apply(p, o, lr, wd, self.scale)
+            return
         if wd:
             torch._foreach_mul_(self.params, 1.0 - lr * wd)
         pieces = update[: self.count].to(self.params[0].dtype).split(self.counts)
@@ -175,8 +192,7 @@ class Muon:
                      for b in self.banks]
         self.stacked: list[torch.Tensor] = [torch.empty_like(buf) for buf in self.bufs]
         self.grads: list[torch.Tensor] = list(self.stacked)
-        device = self.bufs[0].device if self.bufs else torch.device("cpu")
-        self.orthogonalize = make_orthogonalizer(cfg, [tuple(b.shape) for b in self.bufs], device)
+        self.plan = make_plan(cfg, [tuple(b.shape) for b in self.bufs], self._device())
 
     def prepare(self) -> None:
         """Stack the gradients of each bank (a 3-D bank's own gradient is used in place, and overwritten)."""
@@ -186,20 +202,15 @@ class Muon:
 
     def grad_sq_norm(self) -> torch.Tensor:
         """Sum of squares of all bank gradients (after `prepare`)."""
-        return sum((g.square().sum() for g in self.grads), torch.zeros((), device=self._device()))
+        return sum((torch.linalg.vector_norm(g).square() for g in self.grads), torch.zeros((), device=self._device()))
 
     def _device(self) -> torch.device:
         return self.bufs[0].device if self.bufs else torch.device("cpu")
 
     @torch.no_grad()
     def update(self, lr: float, wd: float, momentum: float, grad_scale: torch.Tensor | None) -> None:
-        cfg = self.cfg
-        dirs = []
-        for g, buf in zip(self.grads, self.bufs):
-            if grad_scale is not None:
-                g.mul_(grad_scale)
-            dirs.append(muon_direction(g, buf, momentum, cfg.nesterov, cfg.muon_eq_r))
-        for bank, o in zip(self.banks, self.orthogonalize(dirs)):
+        outs = orthogonalize(self.plan, self.grads, self.bufs, momentum, self.cfg, grad_scale)
+        for bank, o in zip(self.banks, outs):
             bank.apply(o, lr, wd)
 
     def finish(self) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pgolf.train.optim import (OptimConfig, check_buffers, make_banks, make_orthogonalizer, muon_direction)
+from pgolf.train.optim import OptimConfig, check_buffers, make_banks, make_plan, orthogonalize
 
 
 class PackedAllReduce:
@@ -68,7 +68,7 @@ class ParallelMuon:
         self.bufs = [torch.zeros_like(g) for g in self.grads]
         self.updates = [torch.empty((k * self.world, *b.shape), device=self.device, dtype=torch.bfloat16)
                         for b, k in zip(self.banks, self.shard)]
-        self.orthogonalizers = [make_orthogonalizer(cfg, [tuple(g.shape)], self.device) for g in self.grads]
+        self.plans = [make_plan(cfg, [tuple(g.shape)], self.device) for g in self.grads]
         self.scattering: list[Any] = []
         self.gathering: list[Any] = []
         self.step_args: tuple[float, float] = (0.0, 0.0)
@@ -92,21 +92,18 @@ class ParallelMuon:
         scalar all-reduce)."""
         for i in range(len(self.banks)):
             self._wait_scatter(i)
-        sq = sum((g.square().sum() for g in self.grads), torch.zeros((), device=self.device))
+        sq = sum((torch.linalg.vector_norm(g).square() for g in self.grads), torch.zeros((), device=self.device))
         dist.all_reduce(sq, group=self.group)
         return sq
 
     @torch.no_grad()
     def update(self, lr: float, wd: float, momentum: float, grad_scale: torch.Tensor | None) -> None:
         """Orthogonalize this rank's shards and launch the all-gathers; `finish` applies them."""
-        cfg = self.cfg
         self.step_args = (lr, wd)
         self.gathering = []
         for i, (g, buf) in enumerate(zip(self.grads, self.bufs)):
             self._wait_scatter(i)
-            if grad_scale is not None:
-                g.mul_(grad_scale)
-            (o,) = self.orthogonalizers[i]([muon_direction(g, buf, momentum, cfg.nesterov, cfg.muon_eq_r)])
+            (o,) = orthogonalize(self.plans[i], [g], [buf], momentum, self.cfg, grad_scale)
             mine = self.updates[i].narrow(0, self.rank * self.shard[i], self.shard[i])
             mine.copy_(o)
             self.gathering.append(dist.all_gather_into_tensor(self.updates[i], mine, group=self.group,

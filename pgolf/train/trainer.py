@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import pgolf
+
 from pgolf.kernels.dispatch import say_once
 from pgolf.train import checkpoint as ckpt
 from pgolf.train import distributed as pdist
@@ -392,6 +394,9 @@ class Trainer:
         cfg = self.cfg
         tokens_per_step = cfg.train_batch_tokens
         last_log_step, last_log_elapsed = self.step, self.elapsed
+        since_launch = time.time() - pgolf.LAUNCH_TIME
+        self.metrics.log("event", event="timed_start", step=self.step, since_launch_s=since_launch)
+        self._say(f"launch to first timed step: {since_launch:.1f} s (data, model build, compile, warm-up)")
         self.clock.start()
         while True:
             if self.schedule.finished(self.step, self.elapsed):

@@ -57,3 +57,26 @@ def test_counts_and_bad_input():
         ns.coefficients("cubic", 5)
     with pytest.raises(ValueError, match="expected"):
         ns.newton_schulz(torch.randn(3))
+
+
+@pytest.mark.parametrize("nesterov,eq_r", [(True, True), (False, False)])
+def test_fused_muon_direction_matches_torch(nesterov, eq_r):
+    from pgolf.train.optim import muon_direction
+
+    grad, buf = torch.randn(3, 20, 36), torch.randn(3, 20, 36)
+    scale = torch.tensor(0.7)
+    out = torch.full((3, 36, 20), float("nan")).mT  # a transposed destination, like a tall plan input
+    new_buf = buf.clone()
+    ns.muon_direction_into(grad, new_buf, out, 0.93, nesterov, eq_r, scale)
+    ref_buf = buf.clone()
+    ref = muon_direction(grad * scale, ref_buf, 0.93, nesterov, eq_r)
+    torch.testing.assert_close(new_buf, ref_buf)
+    torch.testing.assert_close(out, ref)
+
+
+def test_fused_muon_apply_matches_torch():
+    p = torch.randn(2, 70, 33)
+    u = torch.randn(2, 33, 70).mT
+    ref = p * (1 - 0.05 * 0.1) - 0.05 * 1.5 * u
+    ns.muon_apply(p, u, 0.05, 0.1, 1.5)
+    torch.testing.assert_close(p, ref)

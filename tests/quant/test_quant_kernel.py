@@ -29,12 +29,13 @@ def _problem(shapes, cols, dead=(3, 17), seed=0):
     return to(torch.cat(w_rows)), to(u), to(torch.cat(s_rows)), to(torch.cat(m_rows)), prepared
 
 
-@pytest.mark.parametrize("shapes,cols,block", [((37, 20), 100, 32), ((5,), 48, 16), ((19, 33), 70, 64)])
-def test_triton_sweep_matches_reference(shapes, cols, block):
+@pytest.mark.parametrize("shapes,cols,block,prefetch", [((37, 20), 100, 32, True), ((5,), 48, 16, False),
+                                                         ((19, 33), 70, 64, True)])
+def test_triton_sweep_matches_reference(shapes, cols, block, prefetch):
     w, u, s, rm, prepared = _problem(shapes, cols)
     qmax = torch.tensor([31 if m % 2 == 0 else 7 for m in rm.tolist()], dtype=torch.int32, device=DEVICE)
     ref = gptq_quantize_reference(w, u, s, qmax, rm, block_size=block)
-    tri = gptq_quantize_triton(w, u, s, qmax, rm, block_size=block)
+    tri = gptq_quantize_triton(w, u, s, qmax, rm, block_size=block, prefetch=prefetch)
     assert tri.dtype == torch.int8 and tri.shape == w.shape
     same = (ref == tri).float().mean().item()
     assert same >= 0.999, f"only {same:.5f} of the codes agree"
