@@ -156,9 +156,19 @@ def evaluate_artifact(cfgs: dict[str, Any], path: Path, device: torch.device) ->
     return result
 
 
-def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None = None) -> dict:
-    """Train, quantize, compress, evaluate; returns (and writes) results.json."""
+def packed_code_bytes(config: dict[str, Any]) -> int:
+    """Bytes of the train_gpt.py that `pgolf pack` would write for this configuration."""
     from pgolf.pack.packer import build_script
+
+    return len(build_script(config).encode())
+
+
+def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None = None,
+                 code_bytes: int | None = None) -> dict:
+    """Train, quantize, compress, evaluate; returns (and writes) results.json.
+
+    `code_bytes`: size of the submitted script; by default that of the script `pgolf pack` would write.
+    """
     from pgolf.train import distributed as pdist
     from pgolf.train.trainer import Trainer
 
@@ -173,7 +183,8 @@ def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None =
         config = json.loads((out_dir / "config.json").read_text())
         config.update(preset=preset, quant=pconfig.to_dict(cfgs["quant"]), eval=pconfig.to_dict(cfgs["eval"]))
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        code_bytes = len(build_script({k: v for k, v in config.items() if k != "run"}).encode())
+        if code_bytes is None:
+            code_bytes = packed_code_bytes({k: v for k, v in config.items() if k != "run"})
         quant_report = quantize(trainer.model, cfgs, out_dir, code_bytes)
     pdist.barrier()
     quant_report = pdist.broadcast_object(quant_report)
@@ -200,12 +211,12 @@ def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None =
     return results
 
 
-def run_from_config(config: dict[str, Any], out_dir: str | Path) -> dict:
+def run_from_config(config: dict[str, Any], out_dir: str | Path, code_bytes: int | None = None) -> dict:
     """Rerun a recorded configuration (config.json of a run; what a packed train_gpt.py calls)."""
     from pgolf.train import distributed as pdist
 
     try:
-        return run_pipeline(resolve_configs(config), out_dir, preset=config.get("preset"))
+        return run_pipeline(resolve_configs(config), out_dir, preset=config.get("preset"), code_bytes=code_bytes)
     finally:
         pdist.destroy()
 

@@ -3,14 +3,20 @@
 Weights use nn.Linear's layout: w_up (hidden, dim), w_down (dim, hidden).
 
 The Triton path (notes/mlp.md has the byte counts and timings):
-- forward: one Triton matmul computes x @ w_up^T and, in its epilogue, act = leaky(pre)^2 (stored in x's dtype) and
-  the sign of pre packed 8 per byte; out = act @ w_down^T stays a cuBLAS matmul.
-- saved for backward: act and the sign bits (2.125 bytes per hidden element; act alone for ReLU^2), because
-  act'(pre) = 2*sqrt(act) where pre > 0 and -2*|slope|*sqrt(act) where not, so pre itself need not be kept.
+- forward: one Triton matmul computes x @ w_up^T and, in its epilogue, act = leaky(pre)^2, stored in x's dtype;
+  out = act @ w_down^T stays a cuBLAS matmul.
+- saved for backward: act alone, 2 bytes per hidden element. act'(pre) = 2*sqrt(act) where pre > 0 and
+  -2*|slope|*sqrt(act) where not, so only sign(pre) is missing; with a LeakyReLU (slope != 0) and a gradient
+  wanted, the forward stores act rounded to the nearest value whose last mantissa bit is that sign (at most one unit
+  in the last place from act, unbiased). cuBLAS reads that tensor as act; the backward reads the sign back from it.
 - backward: one Triton matmul computes dout @ w_down and multiplies by act'(pre) in its epilogue (d_pre); the three
   weight/input gradient matmuls (dout^T act, d_pre^T x, d_pre w_up) are cuBLAS.
+- the Triton matmuls are persistent kernels loading through TMA descriptors where the tensors allow it (16-bit
+  dtypes, 16-byte aligned rows), and a plain autotuned pointer kernel elsewhere (odd widths, fp32).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -57,59 +63,98 @@ def _fused_mlp_triton(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     w_up = w_up.to(x.dtype).contiguous()
     w_down = w_down.to(x.dtype).contiguous()
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_up.requires_grad or w_down.requires_grad)
-    out, _, _ = torch.ops.pgolf.mlp_forward(x2, w_up, w_down, float(negative_slope), needs_grad)
+    out, _ = torch.ops.pgolf.mlp_forward(x2, w_up, w_down, float(negative_slope), needs_grad)
     return out.reshape(*lead, w_down.shape[0])
-
-
-SIGN_FORMAT = 1  # how the forward saves sign(pre) for LeakyReLU: see _mlp_matmul_kernel
-
-
-def sign_bytes(hidden: int) -> int:
-    """Bytes per token of the packed sign of pre (bit j of byte b is column 8*b + j)."""
-    return (hidden + 7) // 8
 
 
 # ----------------------------------------------------------------------------------------------- Triton kernels
 
-def _matmul_configs() -> list:
+_TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def _pointer_configs() -> list:
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    # 128x256 and 256x128 tiles: one CTA per SM; 128x128 / 64x128 with 3-4 stages: two CTAs per SM, so that one's
-    # epilogue (K is only 512: 8 steps of main loop) overlaps the other's main loop.
-    shapes = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 3),
-              (128, 256, 64, 8, 2), (64, 128, 64, 4, 4)]
+    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
 
 if triton is not None:
 
-    @triton.autotune(configs=_matmul_configs(), key=["N", "K", "EPILOGUE", "SIGN_FORMAT"])
+    @triton.jit
+    def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row block, column block) of a tile index, GROUP_M row blocks at a time (L2 reuse of B)."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        width = GROUP_M * tl.cdiv(N, BLOCK_N)
+        first_m = (tile // width) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % width) % group_size, (tile % width) // group_size
+
+    @triton.jit
+    def _act_epilogue(acc, abs_slope, ENCODE_SIGN: tl.constexpr, OUT: tl.constexpr, BITS: tl.constexpr):
+        """act = leaky(acc)^2 in dtype OUT; with ENCODE_SIGN, the nearest OUT value whose last mantissa bit is
+        (acc > 0): the rounded value, or its neighbour towards the exact act when the bit is wrong."""
+        pos = acc > 0
+        y = tl.where(pos, acc, acc * abs_slope)
+        exact = y * y
+        act = exact.to(OUT)
+        if ENCODE_SIGN:
+            bits = act.to(BITS, bitcast=True)
+            up = (exact > act.to(tl.float32)) | (bits == 0)
+            fixed = tl.where(up, bits + 1, bits - 1).to(BITS)
+            act = tl.where((bits & 1) != pos.to(BITS), fixed, bits).to(OUT, bitcast=True)
+        return act
+
+    @triton.jit
+    def _grad_epilogue(acc, act, abs_slope, ENCODE_SIGN: tl.constexpr, BITS: tl.constexpr):
+        """d_pre = acc * act'(pre): 2*sqrt(act) where pre > 0, -2*|slope|*sqrt(act) where not."""
+        slope_grad = 2.0 * tl.sqrt(act.to(tl.float32))
+        if ENCODE_SIGN:
+            pos = (act.to(BITS, bitcast=True) & 1) != 0
+            slope_grad = tl.where(pos, slope_grad, -abs_slope * slope_grad)
+        return acc * slope_grad
+
+    @triton.jit
+    def _mlp_tma_kernel(a_desc, b_desc, c_desc, act_desc, M, N, K, abs_slope, EPILOGUE: tl.constexpr,
+                        ENCODE_SIGN: tl.constexpr, TRANS_B: tl.constexpr, OUT: tl.constexpr, BITS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr):
+        """Persistent C = epilogue(A @ B) with TMA loads/stores (edges zero-filled / clipped by the copy engine).
+
+        B is b_desc (N, K) transposed when TRANS_B, else b_desc (K, N). EPILOGUE 0: C = act(acc);
+        EPILOGUE 1: C = acc * act'(pre) with act read through act_desc.
+        """
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS):
+            pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            om = pid_m * BLOCK_M
+            on = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                a = a_desc.load([om, k])
+                if TRANS_B:
+                    b = b_desc.load([on, k]).T
+                else:
+                    b = b_desc.load([k, on])
+                acc = tl.dot(a, b, acc)
+            if EPILOGUE == 0:
+                c_desc.store([om, on], _act_epilogue(acc, abs_slope, ENCODE_SIGN, OUT, BITS))
+            else:
+                act = act_desc.load([om, on])
+                c_desc.store([om, on], _grad_epilogue(acc, act, abs_slope, ENCODE_SIGN, BITS).to(OUT))
+
+    @triton.autotune(configs=_pointer_configs(), key=["N", "K", "EPILOGUE", "ENCODE_SIGN"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                         "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
     @triton.jit
-    def _mlp_matmul_kernel(a_ptr, b_ptr, c_ptr, act_ptr, sign_ptr, M, N, K,
-                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_sm, abs_slope,
-                           EPILOGUE: tl.constexpr, SIGN_FORMAT: tl.constexpr, IEEE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-        """acc = A (M,K) @ B (K,N) in fp32, then one of two epilogues.
-
-        EPILOGUE 0 (forward): c = leaky(acc)^2 and the signs (acc > 0) at sign_ptr.
-        EPILOGUE 1 (backward): c = acc * act'(pre), act'(pre) rebuilt from act (act_ptr) and the signs.
-        SIGN_FORMAT: 0 none (ReLU^2), 1 bits packed 8 per byte (packed by reshape+sum), 2 the same bits packed by
-        three pairwise splits and read back by byte gathers, 3 one byte per element.
-        """
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * num_n
-        group = pid // width
-        first_m = group * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % group_size
-        pid_n = (pid % width) // group_size
-
+    def _mlp_pointer_kernel(a_ptr, b_ptr, c_ptr, act_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                            stride_cm, abs_slope, EPILOGUE: tl.constexpr, ENCODE_SIGN: tl.constexpr,
+                            OUT: tl.constexpr, BITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                            EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+        """The same C = epilogue(A @ B), one tile per program, for any strides and dtypes (B is (K, N) by strides)."""
+        pid_m, pid_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -137,96 +182,69 @@ if triton is not None:
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-
-        out_rows = offs_m.to(tl.int64)
-        row_ok = offs_m < M
-        col_ok = offs_n < N
-        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_n[None, :]
-        c_mask = row_ok[:, None] & col_ok[None, :]
-        offs_byte = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        byte_ptrs = sign_ptr + out_rows[:, None] * stride_sm + offs_byte[None, :]
-        byte_mask = row_ok[:, None] & (offs_byte < (N + 7) // 8)[None, :]
-        elem_ptrs = sign_ptr + out_rows[:, None] * stride_sm + offs_n[None, :]
+        out_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         if EPILOGUE == 0:
-            pos = acc > 0
-            y = tl.where(pos, acc, acc * abs_slope)
-            tl.store(c_ptrs, (y * y).to(c_ptr.dtype.element_ty), mask=c_mask)
-            bits = (pos & col_ok[None, :]).to(tl.uint8)  # pad bits past the last column stay 0
-            if SIGN_FORMAT == 1:
-                shifts = tl.arange(0, 8).to(tl.uint8)
-                grouped = tl.reshape(bits, (BLOCK_M, BLOCK_N // 8, 8)) << shifts[None, None, :]
-                tl.store(byte_ptrs, tl.sum(grouped, axis=2).to(tl.uint8), mask=byte_mask)
-            elif SIGN_FORMAT == 2:
-                lo, hi = tl.split(tl.reshape(bits, (BLOCK_M, BLOCK_N // 2, 2)))
-                pairs = lo | (hi << 1)
-                lo, hi = tl.split(tl.reshape(pairs, (BLOCK_M, BLOCK_N // 4, 2)))
-                quads = lo | (hi << 2)
-                lo, hi = tl.split(tl.reshape(quads, (BLOCK_M, BLOCK_N // 8, 2)))
-                tl.store(byte_ptrs, lo | (hi << 4), mask=byte_mask)
-            elif SIGN_FORMAT == 3:
-                tl.store(elem_ptrs, bits, mask=c_mask)
+            tl.store(c_ptr + out_offs, _act_epilogue(acc, abs_slope, ENCODE_SIGN, OUT, BITS), mask=mask)
         else:
-            act = tl.load(act_ptr + out_rows[:, None] * stride_cm + offs_n[None, :], mask=c_mask, other=0.0)
-            slope_grad = 2.0 * tl.sqrt(act.to(tl.float32))
-            if SIGN_FORMAT != 0:
-                if SIGN_FORMAT == 1:
-                    packed = tl.load(byte_ptrs, mask=byte_mask, other=0)
-                    shifts = tl.arange(0, 8).to(tl.uint8)
-                    pos = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_M, BLOCK_N)) != 0
-                elif SIGN_FORMAT == 2:
-                    gathered = tl.load(sign_ptr + out_rows[:, None] * stride_sm + (offs_n // 8)[None, :],
-                                       mask=c_mask, other=0)
-                    pos = ((gathered >> (offs_n % 8).to(tl.uint8)[None, :]) & 1) != 0
-                else:
-                    pos = tl.load(elem_ptrs, mask=c_mask, other=0) != 0
-                slope_grad = tl.where(pos, slope_grad, -abs_slope * slope_grad)
-            tl.store(c_ptrs, (acc * slope_grad).to(c_ptr.dtype.element_ty), mask=c_mask)
+            act = tl.load(act_ptr + out_offs, mask=mask, other=0.0)
+            tl.store(c_ptr + out_offs, _grad_epilogue(acc, act, abs_slope, ENCODE_SIGN, BITS).to(OUT), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides; the fast configs assume 16-bit elements."""
+    return _has_tma(tensors[0].device) and all(
+        t.element_size() == 2 and t.stride(1) == 1 and t.stride(0) * 2 % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in tensors)
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, trans_b: bool, c: torch.Tensor, act: torch.Tensor | None,
-            signs: torch.Tensor | None, abs_slope: float, epilogue: int, sign_format: int) -> None:
+            abs_slope: float, epilogue: int, encode_sign: bool) -> None:
     """c (M,N) <- epilogue(a (M,K) @ B), B = b^T when trans_b (b stored (N,K)) else b (stored (K,N))."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     M, K = a.shape
-    N = b.shape[0] if trans_b else b.shape[1]
+    N = c.shape[1]
+    dtypes = dict(OUT=getattr(tl, _TL_DTYPES[c.dtype]), BITS=tl.int16 if c.element_size() == 2 else tl.int32)
+    act = c if act is None else act  # a stand-in the forward epilogue never reads
+    if _tma_ready(a, b, c, act):
+        bm, bn, bk, warps, stages = (32, 32, 16, 4, 1) if interpreting() else (128, 256, 64, 8, 3)
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        progs = max(1, min(tiles, 4 if interpreting() else _sm_count(c.device)))
+        desc = TensorDescriptor.from_tensor
+        _mlp_tma_kernel[(progs,)](desc(a, [bm, bk]), desc(b, [bn, bk] if trans_b else [bk, bn]), desc(c, [bm, bn]),
+                                  desc(act, [bm, bn]), M, N, K, abs_slope, EPILOGUE=epilogue,
+                                  ENCODE_SIGN=encode_sign, TRANS_B=trans_b, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                  GROUP_M=8, NUM_PROGS=progs, num_warps=warps, num_stages=stages, **dtypes)
+        return
     stride_bk, stride_bn = (b.stride(1), b.stride(0)) if trans_b else (b.stride(0), b.stride(1))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    # Unused pointer arguments get `c` as a stand-in: the kernel never dereferences them.
-    _mlp_matmul_kernel[grid](a, b, c, c if act is None else act, c if sign_format == 0 else signs, M, N, K,
-                             a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0),
-                             signs.stride(0) if sign_format else 0, abs_slope,
-                             EPILOGUE=epilogue, SIGN_FORMAT=sign_format, IEEE=a.dtype == torch.float32)
+    _mlp_pointer_kernel[grid](a, b, c, act, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0),
+                              abs_slope, EPILOGUE=epilogue, ENCODE_SIGN=encode_sign,
+                              IEEE=a.dtype == torch.float32, **dtypes)
 
 
-def _sign_format(negative_slope: float, save_signs: bool = True) -> int:
-    return SIGN_FORMAT if save_signs and negative_slope != 0 else 0
+def up_act(x: torch.Tensor, w_up: torch.Tensor, negative_slope: float, encode_sign: bool = True) -> torch.Tensor:
+    """act = leaky(x @ w_up^T)^2 for 2-D x; with encode_sign (and slope != 0) sign(pre) rides in the last bit."""
+    act = torch.empty(x.shape[0], w_up.shape[0], device=x.device, dtype=x.dtype)
+    _launch(x, w_up, True, act, None, abs(negative_slope), 0, encode_sign and negative_slope != 0)
+    return act
 
 
-def _sign_shape(tokens: int, hidden: int, sign_format: int) -> tuple[int, int]:
-    if sign_format == 0:
-        return (0, 0)
-    return (tokens, hidden if sign_format == 3 else sign_bytes(hidden))
-
-
-def up_act(x: torch.Tensor, w_up: torch.Tensor, negative_slope: float, with_signs: bool = True
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """act = leaky(x @ w_up^T)^2 and the saved signs of the pre-activation (empty for ReLU^2 or no signs)."""
-    M, hidden = x.shape[0], w_up.shape[0]
-    act = torch.empty(M, hidden, device=x.device, dtype=x.dtype)
-    fmt = _sign_format(negative_slope, with_signs)
-    signs = torch.empty(_sign_shape(M, hidden, fmt), device=x.device, dtype=torch.uint8)
-    _launch(x, w_up, True, act, None, signs, abs(negative_slope), 0, fmt)
-    return act, signs
-
-
-def down_grad_act(dout: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, signs: torch.Tensor,
-                  negative_slope: float) -> torch.Tensor:
-    """d_pre = (dout @ w_down) * act'(pre), act'(pre) rebuilt from act and the saved signs."""
+def down_grad_act(dout: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """d_pre = (dout @ w_down) * act'(pre), act from up_act(..., encode_sign=True)."""
     d_pre = torch.empty_like(act)
-    fmt = _sign_format(negative_slope)
-    if tuple(signs.shape) != _sign_shape(*act.shape, fmt):
-        raise ValueError("pgolf/kernels/mlp.py: the signs of a LeakyReLU MLP were not saved (forward ran without "
-                         "grad?) or were saved in another SIGN_FORMAT")
-    _launch(dout, w_down, False, d_pre, act, signs, abs(negative_slope), 1, fmt)
+    _launch(dout, w_down, False, d_pre, act, abs(negative_slope), 1, negative_slope != 0)
     return d_pre
 
 
@@ -234,46 +252,42 @@ def down_grad_act(dout: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, s
 
 @torch.library.custom_op("pgolf::mlp_forward", mutates_args=())
 def _mlp_forward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, negative_slope: float,
-                 save_signs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, act, signs) for 2-D contiguous x; act and signs are what the backward reads."""
-    act, signs = up_act(x, w_up, negative_slope, save_signs)
-    return torch.mm(act, w_down.t()), act, signs
+                 for_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, act) for 2-D contiguous x; act (sign-carrying when for_backward) is what the backward reads."""
+    act = up_act(x, w_up, negative_slope, for_backward)
+    return torch.mm(act, w_down.t()), act
 
 
 @_mlp_forward.register_fake
-def _(x, w_up, w_down, negative_slope, save_signs):
-    M, hidden = x.shape[0], w_up.shape[0]
-    signs = x.new_empty(_sign_shape(M, hidden, _sign_format(negative_slope, save_signs)), dtype=torch.uint8)
-    return x.new_empty(M, w_down.shape[0]), x.new_empty(M, hidden), signs
+def _(x, w_up, w_down, negative_slope, for_backward):
+    return x.new_empty(x.shape[0], w_down.shape[0]), x.new_empty(x.shape[0], w_up.shape[0])
 
 
 @torch.library.custom_op("pgolf::mlp_backward", mutates_args=())
 def _mlp_backward(dout: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor,
-                  signs: torch.Tensor, negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_up, dw_down)."""
     dout = dout.contiguous()
-    d_pre = down_grad_act(dout, w_down, act, signs, negative_slope)
+    d_pre = down_grad_act(dout, w_down, act, negative_slope)
     return torch.mm(d_pre, w_up), torch.mm(d_pre.t(), x), torch.mm(dout.t(), act)
 
 
 @_mlp_backward.register_fake
-def _(dout, x, w_up, w_down, act, signs, negative_slope):
+def _(dout, x, w_up, w_down, act, negative_slope):
     return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, w_up, w_down, negative_slope, _ = inputs
-    _, act, signs = output
-    ctx.save_for_backward(x, w_up, w_down, act, signs)
+    ctx.save_for_backward(x, w_up, w_down, output[1])
     ctx.negative_slope = negative_slope
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, _d_act, _d_signs):
-    x, w_up, w_down, act, signs = ctx.saved_tensors
+def _backward(ctx, dout, _d_act):
     if dout is None:
         return None, None, None, None, None
-    dx, dw_up, dw_down = torch.ops.pgolf.mlp_backward(dout, x, w_up, w_down, act, signs, ctx.negative_slope)
+    dx, dw_up, dw_down = torch.ops.pgolf.mlp_backward(dout, *ctx.saved_tensors, ctx.negative_slope)
     return dx, dw_up, dw_down, None, None
 
 

@@ -74,9 +74,11 @@ _CONFIG=json.loads({config!r})
 _d=tempfile.mkdtemp(prefix="pgolf_")
 zipfile.ZipFile(io.BytesIO(lzma.decompress(base64.b85decode(_CODE)))).extractall(_d)
 sys.path.insert(0,_d)
+import pgolf
+assert pgolf.__file__.startswith(_d),pgolf.__file__
 from pgolf.run import run_from_config
 if __name__=="__main__":
-    run_from_config(_CONFIG,out_dir=os.environ.get("OUT_DIR","run"))
+    run_from_config(_CONFIG,os.environ.get("OUT_DIR","run"),os.path.getsize(__file__))
 '''
 
 

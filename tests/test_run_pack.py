@@ -1,0 +1,81 @@
+"""The main job end to end on the bundled sample, then the packer and the packed script from its own folder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgolf.cli import main as cli_main
+from pgolf.pack.packer import ARTIFACT_LIMIT, PackError, minify, pack
+
+FAST = ["--set", "train.max_wallclock_seconds=3", "--set", "eval.max_tokens=4096", "--set", "train.val_tokens=4096",
+        "--set", "quant.calib_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "quick"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["run", "--out", str(out), *FAST])
+    assert exc.value.code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_main_job_writes_a_scored_artifact(quick_run):
+    results = json.loads((quick_run / "results.json").read_text())
+    assert (quick_run / "model.pgq").stat().st_size == results["model_bytes"]
+    assert results["total_bytes"] == results["model_bytes"] + results["code_bytes"] < ARTIFACT_LIMIT
+    assert 0.5 < results["val_bpb"] < 8.0
+    assert results["eval"]["tokens"] == 4095
+    # quantization costs little on this model; a broken round trip would cost whole bits
+    assert abs(results["val_bpb"] - results["val_bpb_prequant"]) < 0.1
+    config = json.loads((quick_run / "config.json").read_text())
+    assert {"model", "train", "optim", "quant", "eval"} <= set(config)
+
+
+@pytest.mark.slow
+def test_packed_script_runs_from_its_own_folder(quick_run, tmp_path):
+    sub = tmp_path / "submission"
+    sizes = pack(quick_run, sub)
+    for name in ("train_gpt.py", "requirements.txt", "submission.json", "README.md", "metrics.jsonl"):
+        assert (sub / name).is_file(), name
+    submission = json.loads((sub / "submission.json").read_text())
+    assert submission["bytes_total"] == sizes.total_bytes == sizes.code_bytes + sizes.model_bytes
+    assert sizes.code_bytes == (sub / "train_gpt.py").stat().st_size
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OUT_DIR=str(tmp_path / "rerun"), MAX_WALLCLOCK_SECONDS="2", MAX_TOKENS="2048", VAL_TOKENS="2048",
+               CALIB_BATCHES="2")
+    proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=sub, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val_bpb" in proc.stdout
+    rerun = json.loads((tmp_path / "rerun" / "results.json").read_text())
+    assert rerun["eval"]["tokens"] == 2047
+    assert rerun["total_bytes"] < ARTIFACT_LIMIT
+
+
+def test_pack_refuses_over_the_limit(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model": {}, "train": {}}))
+    (tmp_path / "results.json").write_text(json.dumps({"val_bpb": 1.0, "artifact": "model.pgq"}))
+    with open(tmp_path / "model.pgq", "wb") as fh:
+        fh.truncate(ARTIFACT_LIMIT)
+    with pytest.raises(PackError, match="over the limit"):
+        pack(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_names_a_missing_run_file(tmp_path):
+    with pytest.raises(PackError, match="config.json"):
+        pack(tmp_path)
+
+
+def test_minify_keeps_behaviour():
+    source = 'def f(x):\n    """doc"""\n    # comment\n    return x + 1\n'
+    small = minify(source)
+    assert "doc" not in small and "comment" not in small
+    scope = {}
+    exec(small, scope)
+    assert scope["f"](2) == 3
