@@ -70,13 +70,13 @@ def bench_parts(tokens: int, dim: int, hidden: int, ceilings: dict[str, float]) 
     x, dout = (torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w_up = (torch.randn(hidden, dim, device="cuda") / dim**0.5).to(torch.bfloat16)
     w_down = (torch.randn(dim, hidden, device="cuda") / hidden**0.5).to(torch.bfloat16)
-    act, signs = up_act(x, w_up, 0.5)
-    d_pre = down_grad_act(dout, w_down, act, signs, 0.5)
+    act = up_act(x, w_up, 0.5)
+    d_pre = down_grad_act(dout, w_down, act, 0.5)
     parts = {
         "up+act (Triton)": lambda: up_act(x, w_up, 0.5),
         "up (cuBLAS, no epilogue)": lambda: torch.mm(x, w_up.t()),
         "down (cuBLAS)": lambda: torch.mm(act, w_down.t()),
-        "d_pre (Triton)": lambda: down_grad_act(dout, w_down, act, signs, 0.5),
+        "d_pre (Triton)": lambda: down_grad_act(dout, w_down, act, 0.5),
         "dact (cuBLAS, no epilogue)": lambda: torch.mm(dout, w_down),
         "dw_down (cuBLAS)": lambda: torch.mm(dout.t(), act),
         "dw_up (cuBLAS)": lambda: torch.mm(d_pre.t(), x),
@@ -118,9 +118,6 @@ def main() -> None:
     print("ceilings", ceilings)
     rows = run(ceilings, args.out)
     write_results("mlp", rows)
-    from pgolf.kernels.mlp import _mlp_matmul_kernel
-
-    print("autotuned:", {str(k): str(v) for k, v in getattr(_mlp_matmul_kernel, "cache", {}).items()})
     print(_table(rows))
 
 

@@ -21,13 +21,22 @@ RECORD_BANKS = [(22, 512, 512), (22, 256, 512), (11, 2048, 512), (11, 512, 2048)
 TRAIN_STEP_MS = 95.8  # the record's 8xH100 step before looping (CHALLENGE.md), for the optimizer's share
 WORLD = 8
 
-TUNE_VARIANTS: dict[str, dict[str, int]] = {
+FOLD = {"fold": {"on": 1}}
+BN256 = {"update": {"BN": 256}}
+POLY64 = {"poly": {"BS": 64, "BK": 64, "warps": 4}}
+TUNE_VARIANTS: dict[str, dict[str, dict[str, int]]] = {
     "default": {},
-    "w4s4": {"warps": 4, "stages": 4},
-    "bn256": {"BN": 256, "stages": 3},
-    "bs64": {"BS": 64, "BK_GRAM": 64, "BK_POLY": 64},
-    "bk128": {"BK_GRAM": 128, "BK_POLY": 128, "BK_UPD": 128, "stages": 2},
-    "bm64": {"BM": 64, "BN": 128, "warps": 4, "stages": 4},
+    "fold": FOLD,
+    "upd_bn256": BN256,
+    "upd_bn256_s4": {"update": {"BN": 256, "stages": 4}},
+    "upd_bm256": {"update": {"BM": 256, "BN": 128}},
+    "upd_bk128_s2": {"update": {"BK": 128, "stages": 2}},
+    "poly64": POLY64,
+    "poly64_w8": {"poly": {"BS": 64, "BK": 64, "warps": 8}},
+    "gram_s4": {"gram": {"stages": 4}},
+    "combo": {**FOLD, **BN256, **POLY64},
+    "combo_gram_s4": {**FOLD, **BN256, **POLY64, "gram": {"stages": 4}},
+    "combo_nofold": {**BN256, **POLY64},
 }
 
 
@@ -41,17 +50,17 @@ def label(shapes: list[tuple[int, int, int]]) -> str:
 
 
 def ns_rows(shapes: list[tuple[int, int, int]], ceilings: dict[str, float], tag: str = "",
-            compile_too: bool = True) -> list[dict[str, Any]]:
+            compile_too: bool = True, blocks: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
     inputs = [torch.randn(s, device="cuda").bfloat16() for s in shapes]
     flops = ns.flops(shapes, symmetric=False)
-    extra = {"sym_flops": ns.flops(shapes), "min_bytes": ns.min_bytes(shapes)}
+    extra = {"sym_flops": ns.flops(shapes), "min_bytes": ns.min_bytes(shapes), "blocks": blocks or "default"}
     shape = label(shapes) + tag
     rows = []
-    plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express")
+    plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", blocks=blocks)
     for inp, g in zip(plan.inputs, inputs):
         inp.copy_(g)
     rows.append(row("newton_schulz", "pgolf", shape, median_ms(plan.run), flops, ceilings=ceilings, **extra))
-    eager_plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", graph=False)
+    eager_plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", graph=False, blocks=blocks)
     rows.append(row("newton_schulz", "pgolf-nograph", shape, median_ms(eager_plan.run), flops, ceilings=ceilings))
     ref = ns.newton_schulz_reference
     rows.append(row("newton_schulz", "eager", shape, median_ms(lambda: [ref(g) for g in inputs]), flops,
@@ -100,11 +109,13 @@ def optimizer_rows(ceilings: dict[str, float]) -> list[dict[str, Any]]:
     return rows
 
 
-def run(ceilings: dict[str, float], compile_too: bool = True) -> list[dict[str, Any]]:
-    rows = ns_rows(RECORD_BANKS, ceilings, compile_too=compile_too)
+def run(ceilings: dict[str, float], compile_too: bool = True,
+        blocks: dict[str, dict[str, int]] | None = None) -> list[dict[str, Any]]:
+    kw = {"compile_too": compile_too, "blocks": blocks}
+    rows = ns_rows(RECORD_BANKS, ceilings, **kw)
     for shape in RECORD_BANKS:
-        rows += ns_rows([shape], ceilings, compile_too=compile_too)
-    rows += ns_rows(shard_shapes(RECORD_BANKS, WORLD), ceilings, tag=f" (1/{WORLD} shard)", compile_too=compile_too)
+        rows += ns_rows([shape], ceilings, **kw)
+    rows += ns_rows(shard_shapes(RECORD_BANKS, WORLD), ceilings, tag=f" (1/{WORLD} shard)", **kw)
     rows += optimizer_rows(ceilings)
     return rows
 
@@ -126,7 +137,28 @@ def tune(shapes: list[tuple[int, int, int]]) -> list[tuple[str, float, float]]:
     return out
 
 
-def profile(shapes: list[tuple[int, int, int]], blocks: dict[str, int] | None = None) -> str:
+def profile_optimizer() -> str:
+    """Per-kernel GPU time of the whole optimizer step on one GPU."""
+    from pgolf.train.optim import OptimConfig, build_optimizer
+
+    groups = record_param_groups()
+    opt = build_optimizer(groups, OptimConfig())
+    params = [p for ps in groups.values() for p in ps]
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p) * 0.01
+        opt.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn_like(p) * 0.01
+            opt.step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
+
+def profile(shapes: list[tuple[int, int, int]], blocks: dict[str, dict[str, int]] | None = None) -> str:
     """Per-kernel GPU time of one eager run of the plan (which launch kind costs what)."""
     plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", graph=False, blocks=blocks)
     for inp in plan.inputs:
@@ -156,13 +188,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     ceilings = measure_ceilings()
     print(f"ceilings: {ceilings}")
+    best = None
     if args.tune:
         for shapes in (RECORD_BANKS, shard_shapes(RECORD_BANKS, WORLD)):
-            for name, ms, err in tune(shapes):
-                print(f"tune {label(shapes):40} {name:10} {ms:8.4f} ms  rel err {err:.2e}")
+            results = tune(shapes)
+            for name, ms, err in results:
+                print(f"tune {label(shapes):40} {name:14} {ms:8.4f} ms  rel err {err:.2e}")
+            if best is None:
+                best = min((r for r in results if r[1] == r[1]), key=lambda r: r[1])[0]
+        print(f"best variant for the record banks: {best} {TUNE_VARIANTS[best]}")
     if args.profile:
         print(profile(RECORD_BANKS))
-    rows = run(ceilings, compile_too=not args.skip_compile)
+        print(profile_optimizer())
+    rows = run(ceilings, compile_too=not args.skip_compile, blocks=TUNE_VARIANTS[best] if best else None)
     if not args.no_write:
         print(f"wrote {write_results('newton_schulz', rows)}")
     print(table(rows))

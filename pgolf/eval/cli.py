@@ -20,6 +20,7 @@ import torch
 
 from pgolf.config import add_arguments as add_config_arguments
 from pgolf.config import resolve, to_dict
+from pgolf.eval.budget import EvalBudget
 from pgolf.eval.config import EvalConfig
 
 
@@ -89,14 +90,17 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = resolve(EvalConfig, args)
     info = init_distributed(args.device)
-    model_config, state, kind = load_model_source(args.path)
-    model = build_model(model_config, state, info.device)
-    vocab = model.cfg.vocab_size
-    val_files = args.val_files or f"data/datasets/fineweb10B_sp{vocab}/fineweb_val_*.bin"
-    tokenizer_path = args.tokenizer_path or f"data/tokenizers/fineweb_{vocab}_bpe.model"
-    tables = build_byte_tables(load_tokenizer(tokenizer_path), vocab, device=info.device)
-    tokens = load_validation_tokens(val_files, vocab)
-    result = evaluate(model, tokens, tables, cfg)
+    # the contest clock covers loading too: the budget starts before the artifact is read
+    budget = EvalBudget(cfg.time_budget_seconds, cfg.budget_margin_seconds, device=info.device)
+    with budget.phase("load"):
+        model_config, state, kind = load_model_source(args.path)
+        model = build_model(model_config, state, info.device)
+        vocab = model.cfg.vocab_size
+        val_files = args.val_files or f"data/datasets/fineweb10B_sp{vocab}/fineweb_val_*.bin"
+        tokenizer_path = args.tokenizer_path or f"data/tokenizers/fineweb_{vocab}_bpe.model"
+        tables = build_byte_tables(load_tokenizer(tokenizer_path), vocab, device=info.device)
+        tokens = load_validation_tokens(val_files, vocab)
+    result = evaluate(model, tokens, tables, cfg, budget=budget)
     result.update(source=str(args.path), kind=kind, world_size=info.world_size, config=to_dict(cfg))
     if info.is_main:
         text = json.dumps(result, indent=2, sort_keys=True, default=str)

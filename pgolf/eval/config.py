@@ -6,8 +6,9 @@ Modes (all score every target of the validation stream exactly once, see pgolf.e
 - "ttt": sliding scoring plus score-first full-parameter test-time training over chunks of the stream.
 - "lora_ttt": per-document LoRA test-time training with global SGD phases (document-aware by design).
 
-The `ttt_*` optimizer fields also drive the global SGD phases of "lora_ttt" (lr and epochs have their own
-`phase_*` fields there, because the records tune them apart).
+The `ttt_*` optimizer fields (momentum, grad clip, chunk tokens, batch sequences, sequence length, frozen
+blocks, cosine) also drive the global SGD phases of "lora_ttt"; lr, epochs and embedding freezing have their
+own `phase_*` fields there, because the records set them apart.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class EvalConfig:
     ttt_cosine: bool = field(default=True, metadata={"help": "cosine-decay the TTT lr over the stream's chunks"})
 
     # phased LoRA TTT (mode "lora_ttt")
-    lora_rank: int = field(default=64, metadata={"help": "LoRA rank per adapted linear layer"})
+    lora_rank: int = field(default=96, metadata={"help": "LoRA rank per adapted linear layer"})
     lora_alpha: float = field(default=144.0, metadata={"help": "LoRA scale = alpha / rank"})
     lora_targets: tuple[str, ...] = field(default=("q", "k", "v", "o", "mlp", "head"), metadata={
         "help": "adapted layers: q k v o (attention projections), mlp (parallel adapter on each MLP), head "
@@ -53,7 +54,7 @@ class EvalConfig:
     lora_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the LoRA weights"})
     lora_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
     lora_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
-    lora_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA weights"})
+    lora_weight_decay: float = field(default=0.5, metadata={"help": "AdamW weight decay of the LoRA weights"})
     lora_grad_clip: float = field(default=0.0, metadata={"help": "per-document LoRA grad-norm clip; 0 = off"})
     lora_batch_docs: int = field(default=64, metadata={"help": "documents adapted together (one LoRA each)"})
     phases: int = field(default=3, metadata={"help": "global SGD phases on already-scored documents; 0 = none"})
@@ -63,6 +64,8 @@ class EvalConfig:
         "help": "explicit document-count boundaries (overrides phase_prefix_docs/phases)"})
     phase_lr: float = field(default=0.001, metadata={"help": "SGD lr of the global phases"})
     phase_epochs: int = field(default=1, metadata={"help": "passes over the scored documents per phase"})
+    phase_freeze_embeddings: bool = field(default=False, metadata={
+        "help": "keep embeddings frozen in the global phases (the records train every weight there)"})
 
     # eval-time budget
     time_budget_seconds: float = field(default=600.0, metadata={"help": "eval wall-clock limit (contest: 600 s)"})

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from pgolf.eval.sliding import Segments, TokenRecorder, autocast, layout, model_device, model_setting, \
+from pgolf.eval.sliding import Segments, TokenRecorder, as_tokens, autocast, layout, model_device, model_setting, \
     plan_sliding, rank_world, score_layout, segments
 from pgolf.eval.ttt import cosine_lr, select_params, sgd_pass
 
@@ -206,7 +206,7 @@ def phase_bounds(n_docs: int, cfg) -> list[int]:
 
 def phase_groups(tokens, cfg) -> np.ndarray:
     """Segment index of every document (the `doc_groups` of pgolf.eval.leak.check_leaks)."""
-    n_docs = len(doc_segments(np.asarray(tokens)))
+    n_docs = len(doc_segments(as_tokens(tokens)))
     return np.searchsorted(np.array(phase_bounds(n_docs, cfg), dtype=np.int64), np.arange(n_docs), side="right")
 
 
@@ -225,6 +225,7 @@ class LoraScorer:
         if not (hasattr(model, "hidden") and hasattr(model, "head_weight")):
             raise TypeError("pgolf.eval.lora_ttt needs model.hidden(ids) and model.head_weight() (pgolf.model.GPT)")
         self.model, self.tokens, self.acc, self.cfg, self.window = model, tokens, acc, cfg, window
+        self.chunk = min(cfg.lora_chunk, window)  # a chunk must fit one window with its first target's context
         self.recorder = recorder
         self.device = model_device(model)
         self.softcap = float(model_setting(model, "logit_softcap", default=0.0) or 0.0)
@@ -254,7 +255,7 @@ class LoraScorer:
         return F.cross_entropy(z.reshape(-1, z.size(-1)), labels.reshape(-1), reduction="none").view(labels.shape)
 
     def run_batch(self, seg: Segments, docs: np.ndarray, train: bool) -> None:
-        cfg, tokens, window, chunk = self.cfg, self.tokens, self.window, self.cfg.lora_chunk
+        cfg, tokens, window, chunk = self.cfg, self.tokens, self.window, self.chunk
         start, lo, hi = seg.start[docs], seg.lo[docs], seg.hi[docs]
         n = len(docs)
         n_chunks = (hi - lo) // chunk + 1
@@ -358,12 +359,12 @@ def run_lora_ttt(model: nn.Module, tokens: np.ndarray, acc, cfg, window: int, bu
                 plain_batches += 1
         done_targets += int((seg.hi[d0:d1] - seg.lo[d0:d1] + 1).sum())
     return {"doc_aware": True, "documents": n_docs, "phase_boundaries": bounds, "phases_run": phases_run,
-            "lora_batches": lora_batches, "plain_batches": plain_batches}
+            "lora_batches": lora_batches, "plain_batches": plain_batches, "lora_chunk": scorer.chunk}
 
 
 def _global_phase(model: nn.Module, tokens: np.ndarray, hi: int, cfg, window: int, device: torch.device) -> None:
     """SGD on the base weights over targets 1..hi (all scored), chunk by chunk with a cosine lr."""
-    params = select_params(model, cfg.ttt_freeze_embeddings, cfg.ttt_freeze_blocks)
+    params = select_params(model, cfg.phase_freeze_embeddings, cfg.ttt_freeze_blocks)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=cfg.phase_lr, momentum=cfg.ttt_momentum)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pgolf.kernels.dispatch import interpreting, say_once, triton_available, use_triton
+from pgolf.kernels.dispatch import compute_dtype, interpreting, say_once, triton_available, use_triton
 
 XSA_EPS = 1e-6
 DEFAULT_BACKEND = "fused"
@@ -81,6 +81,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     """The attention the model calls: the fastest correct path on CUDA, the reference elsewhere."""
     _check_inputs(q, k, v, cu_seqlens)
     if use_triton(q):
+        dt = compute_dtype(q)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if q.is_cuda and backend() == "unfused":
             return attention_unfused(q, k, v, cu_seqlens, max_seqlen, xsa)
         return fused_attention(q, k, v, cu_seqlens, xsa)

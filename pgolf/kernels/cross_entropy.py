@@ -26,9 +26,9 @@ except ImportError:  # pragma: no cover - the reference path needs no Triton
     triton = None
 
 IGNORE_INDEX = -100
-# Rows per chunk: bounds the bf16 logits buffer to CHUNK_ROWS x V (16384 x 8192 x 2 bytes = 256 MiB); 0 = one chunk.
-CHUNK_ROWS = 16384
-OVERLAP_STREAMS = False  # row kernel of one chunk on a side stream beside the matmuls of its neighbours
+# Rows per chunk: bounds the bf16 logits buffer to CHUNK_ROWS x V (32768 x 8192 x 2 bytes = 512 MiB); 0 = one chunk.
+# 32768 was the fastest chunking on H100 that keeps the peak under half of torch.compile's (notes/cross_entropy.md).
+CHUNK_ROWS = 32768
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -210,73 +210,30 @@ def _chunks(n: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
 def _head_pass(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, ignore_index: int,
                chunk_rows: int, scale: torch.Tensor | None, want_grad: bool
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """NLL per row and, with want_grad, (dh, dW) of sum_i scale_i * NLL_i, chunk by chunk over the rows.
-
-    With OVERLAP_STREAMS (CUDA, several chunks) the memory-bound row kernel of chunk i runs on a side stream while
-    the compute-bound matmuls of chunks i-1 and i+1 run on the current one; two logits buffers alternate.
-    """
+    """NLL per row and, with want_grad, (dh, dW) of sum_i scale_i * NLL_i, chunk by chunk over the rows."""
     n, V = h.shape[0], weight.shape[0]
     nll = torch.empty(n, device=h.device, dtype=torch.float32)
     dh = torch.empty_like(h) if want_grad else None
     chunks = _chunks(n, chunk_rows)
-    overlap = OVERLAP_STREAMS and h.is_cuda and len(chunks) > 1
     # dW is summed over chunks in fp32 unless one matmul produces it whole.
     dw = torch.zeros_like(weight, dtype=torch.float32) if want_grad and len(chunks) > 1 else None
-    rows_max = max((b - a for a, b in chunks), default=0)
-    bufs = [torch.empty(rows_max, V, device=h.device, dtype=h.dtype) for _ in range(2 if overlap else 1)]
-    main = torch.cuda.current_stream(h.device) if overlap else None
-    side = _side_stream(h.device) if overlap else None
-
-    def project(i: int) -> torch.Tensor:
-        start, end = chunks[i]
-        z = bufs[i % len(bufs)][: end - start]
+    buf = torch.empty(max((b - a for a, b in chunks), default=0), V, device=h.device, dtype=h.dtype)
+    for start, end in chunks:
+        z = buf[: end - start]
         torch.mm(h[start:end], weight.t(), out=z)
-        return z
-
-    def rows(i: int, z: torch.Tensor) -> None:
-        start, end = chunks[i]
         row_scale = None if not want_grad else scale if scale.numel() == 1 else scale[start:end]
         softcap_ce_rows_inplace(z, targets[start:end], cap, ignore_index, row_scale, nll[start:end])
-
-    def grads(i: int, z: torch.Tensor, dw: torch.Tensor | None) -> torch.Tensor:
-        start, end = chunks[i]
-        torch.mm(z, weight, out=dh[start:end])
-        if dw is None:
-            return torch.mm(z.t(), h[start:end])
-        if dw.dtype == z.dtype:
-            return dw.addmm_(z.t(), h[start:end])
-        return dw.add_(torch.mm(z.t(), h[start:end]))
-
-    z = project(0) if chunks else None
-    for i in range(len(chunks)):
-        last = i + 1 == len(chunks)
-        if overlap:
-            side.wait_event(main.record_event())
-            with torch.cuda.stream(side):
-                rows(i, z)
-            done = side.record_event()
-            z_next = None if last else project(i + 1)
-            main.wait_event(done)
-            if want_grad:
-                dw = grads(i, z, dw)
-        else:
-            rows(i, z)
-            if want_grad:
-                dw = grads(i, z, dw)
-            z_next = None if last else project(i + 1)
-        z = z_next
+        if want_grad:
+            torch.mm(z, weight, out=dh[start:end])
+            if dw is None:
+                dw = torch.mm(z.t(), h[start:end])
+            elif dw.dtype == z.dtype:
+                dw.addmm_(z.t(), h[start:end])
+            else:
+                dw.add_(torch.mm(z.t(), h[start:end]))
     if want_grad:
         dw = weight.new_zeros(weight.shape) if dw is None else dw.to(weight.dtype)
     return nll, dh, dw

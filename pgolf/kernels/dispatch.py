@@ -61,3 +61,12 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda:
         return True
     return m == "triton" and interpreting()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel should compute in: autocast's when it is on for x's device (custom ops are not
+    autocast-aware, so the kernels cast themselves, as F.linear would), else x's own."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype

@@ -26,6 +26,7 @@ from pgolf.kernels.dispatch import interpreting, use_triton
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - the reference path needs no Triton
     triton = None
 
@@ -211,8 +212,6 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
 def _launch(a: torch.Tensor, b: torch.Tensor, trans_b: bool, c: torch.Tensor, act: torch.Tensor | None,
             abs_slope: float, epilogue: int, encode_sign: bool) -> None:
     """c (M,N) <- epilogue(a (M,K) @ B), B = b^T when trans_b (b stored (N,K)) else b (stored (K,N))."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     M, K = a.shape
     N = c.shape[1]
     dtypes = dict(OUT=getattr(tl, _TL_DTYPES[c.dtype]), BITS=tl.int16 if c.element_size() == 2 else tl.int32)

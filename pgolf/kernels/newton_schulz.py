@@ -145,10 +145,10 @@ if triton is not None:
         _sym_store(A, a_off, lda, rows_i, rows_j, m, acc.to(A.dtype.element_ty), ti, tj)
 
     @triton.jit
-    def _ns_poly(A, B, MATS, TILES, b, c, FIRST: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-                 IEEE: tl.constexpr, EPS_: tl.constexpr):
-        """B = b*A + c*A A (A symmetric, so A A = A A^T), lower-triangle tile and mirror. FIRST: A is the raw
-        Gram matrix of G and gets scaled by 1/||G||^2 here."""
+    def _ns_poly(A, B, MATS, TILES, a, b, c, FIRST: tl.constexpr, FOLD: tl.constexpr, BS: tl.constexpr,
+                 BK: tl.constexpr, IEEE: tl.constexpr, EPS_: tl.constexpr):
+        """B = b*A + c*A A (A symmetric, so A A = A A^T), lower-triangle tile and mirror; FOLD adds a*I, so
+        that the update is one product. FIRST: A is the raw Gram matrix of G, scaled by 1/||G||^2 here."""
         ti, tj, x_off, a_off, m, n, ldx, lda = _tile_info(MATS, TILES, tl.program_id(0))
         rows_i = ti * BS + tl.arange(0, BS)
         rows_j = tj * BS + tl.arange(0, BS)
@@ -171,12 +171,15 @@ if triton is not None:
             val = (b * s2) * a_tile + (c * s2 * s2) * acc
         else:
             val = b * a_tile + c * acc
+        if FOLD:
+            val += tl.where(rows_i[:, None] == rows_j[None, :], a, 0.0)
         _sym_store(B, a_off, lda, rows_i, rows_j, m, val.to(B.dtype.element_ty), ti, tj)
 
     @triton.jit
-    def _ns_update(X, Y, A, B, MATS, TILES, a, FIRST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, IEEE: tl.constexpr, EPS_: tl.constexpr):
-        """Y = a*X + B X for one (BM, BN) tile. FIRST: X is the raw G, so the result is scaled by 1/||G||."""
+    def _ns_update(X, Y, A, B, MATS, TILES, a, FIRST: tl.constexpr, FOLD: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, EPS_: tl.constexpr):
+        """Y = a*X + B X for one (BM, BN) tile (FOLD: B holds a*I + B, Y = B X). FIRST: X is the raw G, so the
+        result is scaled by 1/||G||."""
         ti, tj, x_off, a_off, m, n, ldx, lda = _tile_info(MATS, TILES, tl.program_id(0))
         rows = ti * BM + tl.arange(0, BM)
         cols = tj * BN + tl.arange(0, BN)
@@ -194,8 +197,11 @@ if triton is not None:
             pb += BK
             px += BK * ldx
         mask = rows[:, None] < m
-        x_tile = tl.load(X + x_off + rows[:, None] * ldx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        val = a * x_tile + acc
+        if FOLD:
+            val = acc
+        else:
+            x_tile = tl.load(X + x_off + rows[:, None] * ldx + cols[None, :], mask=mask, other=0.0)
+            val = a * x_tile.to(tl.float32) + acc
         if FIRST:
             val = val * tl.sqrt(_inv_norm_sq(A, a_off, m, lda, EPS_, 128))
         tl.store(Y + x_off + rows[:, None] * ldx + cols[None, :], val.to(Y.dtype.element_ty), mask=mask)
@@ -269,13 +275,33 @@ def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 
 
+KernelConfig = dict[str, int]
+
+
 @functools.lru_cache(maxsize=None)
-def default_blocks(device_type: str) -> dict[str, int]:
-    """Tile sizes: big tiles on the GPU, small ones for the (slow) interpreter."""
+def _default_blocks(device_type: str) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
     if device_type == "cuda":
-        return {"BS": 128, "BK_GRAM": 64, "BK_POLY": 64, "BM": 128, "BN": 128, "BK_UPD": 64,
-                "warps": 8, "stages": 3}
-    return {"BS": 16, "BK_GRAM": 16, "BK_POLY": 16, "BM": 16, "BN": 32, "BK_UPD": 16, "warps": 4, "stages": 1}
+        cfg = {"gram": {"BS": 128, "BK": 64, "warps": 8, "stages": 3},
+               "poly": {"BS": 128, "BK": 64, "warps": 8, "stages": 3},
+               "update": {"BM": 128, "BN": 128, "BK": 64, "warps": 8, "stages": 3},
+               "fold": {"on": 0}}
+    else:  # small tiles for the (slow) interpreter
+        cfg = {"gram": {"BS": 16, "BK": 16, "warps": 4, "stages": 1},
+               "poly": {"BS": 16, "BK": 16, "warps": 4, "stages": 1},
+               "update": {"BM": 16, "BN": 32, "BK": 16, "warps": 4, "stages": 1},
+               "fold": {"on": 0}}
+    return tuple((k, tuple(v.items())) for k, v in cfg.items())
+
+
+def default_blocks(device_type: str, overrides: dict[str, KernelConfig] | None = None) -> dict[str, KernelConfig]:
+    """Tile sizes, warps and pipeline stages per kernel ("gram", "poly", "update"), and "fold" (a*I folded
+    into B), with `overrides` merged in per kernel."""
+    out = {k: dict(v) for k, v in _default_blocks(device_type)}
+    for k, v in (overrides or {}).items():
+        if k not in out:
+            raise ValueError(f"newton_schulz blocks: unknown kernel {k!r}; expected {sorted(out)}")
+        out[k].update(v)
+    return out
 
 
 class NewtonSchulzPlan:
@@ -288,13 +314,16 @@ class NewtonSchulzPlan:
 
     def __init__(self, shapes: list[tuple[int, int, int]], steps: int = 5, schedule: str = "polar_express",
                  device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16, graph: bool = True,
-                 blocks: dict[str, int] | None = None):
+                 blocks: dict[str, KernelConfig] | None = None):
         if triton is None:
             raise RuntimeError("pgolf.kernels.newton_schulz: NewtonSchulzPlan needs Triton")
         self.device = torch.device(device)
         self.dtype = dtype
         self.coeffs = coefficients(schedule, steps)
-        self.blocks = dict(default_blocks(self.device.type), **(blocks or {}))
+        self.blocks = default_blocks(self.device.type, blocks)
+        edges = [v for k in ("gram", "poly", "update") for key, v in self.blocks[k].items() if key.startswith("B")]
+        if any(ALIGN % e for e in edges):
+            raise ValueError(f"NewtonSchulzPlan: tile edges {edges} must divide ALIGN={ALIGN}")
         self.graph_enabled = graph and self.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.runs = 0
@@ -313,18 +342,27 @@ class NewtonSchulzPlan:
         self.xs = [torch.zeros(max(x_total, 1), device=self.device, dtype=dtype) for _ in range(2)]
         self.a = torch.zeros(max(a_total, 1), device=self.device, dtype=dtype)
         self.b = torch.zeros_like(self.a)
-        bs, bm, bn = self.blocks["BS"], self.blocks["BM"], self.blocks["BN"]
-        sym, full = [], []
-        for first, batch, m, n, *_ in self.layout:
-            nb = -(-m // bs)
-            for k in range(batch):
-                sym += [(first + k, i, j, n) for i in range(nb) for j in range(i + 1)]
-                full += [(first + k, i, j, m) for i in range(-(-m // bm)) for j in range(-(-n // bn))]
-        # Longest reductions first, so that the short tiles fill the tail of the launch.
-        sort = lambda t: torch.tensor([x[:3] for x in sorted(t, key=lambda x: -x[3])], dtype=torch.int32,  # noqa: E731
-                                      device=self.device).reshape(-1, 3)
-        self.sym_tiles, self.full_tiles = sort(sym), sort(full)
+        gram, poly, upd = self.blocks["gram"], self.blocks["poly"], self.blocks["update"]
+        self.gram_tiles = self._tiles(lambda m, n: self._sym(m, gram["BS"], n))
+        self.poly_tiles = self._tiles(lambda m, n: self._sym(m, poly["BS"], m))
+        self.update_tiles = self._tiles(lambda m, n: [(i, j, m) for i in range(-(-m // upd["BM"]))
+                                                      for j in range(-(-n // upd["BN"]))])
         self.inputs = [self._view(0, i) for i in range(len(self.layout))]
+
+    @staticmethod
+    def _sym(m: int, bs: int, k: int) -> list[tuple[int, int, int]]:
+        nb = -(-m // bs)
+        return [(i, j, k) for i in range(nb) for j in range(i + 1)]
+
+    def _tiles(self, per_matrix: Callable[[int, int], list[tuple[int, int, int]]]) -> torch.Tensor:
+        """(matrix, ti, tj) rows for every matrix; longest reductions first (stable, so the tiles of one
+        matrix stay together for the L2), so that short tiles fill the tail of the launch."""
+        rows = []
+        for first, batch, m, n, *_ in self.layout:
+            tiles = per_matrix(m, n)
+            rows += [(first + k, i, j, red) for k in range(batch) for i, j, red in tiles]
+        rows.sort(key=lambda r: -r[3])
+        return torch.tensor([r[:3] for r in rows], dtype=torch.int32, device=self.device).reshape(-1, 3)
 
     def _view(self, buf: int, i: int) -> torch.Tensor:
         first, batch, m, n, tall, ldx, lda, off = self.layout[i]
@@ -336,19 +374,21 @@ class NewtonSchulzPlan:
         return [self._view(len(self.coeffs) % 2, i) for i in range(len(self.layout))]
 
     def _launch(self) -> None:
-        blk = self.blocks
+        gram, poly, upd = self.blocks["gram"], self.blocks["poly"], self.blocks["update"]
+        fold = bool(self.blocks["fold"]["on"])
         ieee = self.dtype == torch.float32
-        opts = {"num_warps": blk["warps"], "num_stages": blk["stages"]}
-        n_sym, n_full = self.sym_tiles.shape[0], self.full_tiles.shape[0]
+        opts = lambda k: {"num_warps": k["warps"], "num_stages": k["stages"]}  # noqa: E731
         for step, (a, b, c) in enumerate(self.coeffs):
             x, y = self.xs[step % 2], self.xs[(step + 1) % 2]
             first = step == 0
-            _ns_gram[(n_sym,)](x, self.a, self.mats, self.sym_tiles, BS=blk["BS"], BK=blk["BK_GRAM"], IEEE=ieee,
-                               **opts)
-            _ns_poly[(n_sym,)](self.a, self.b, self.mats, self.sym_tiles, b, c, FIRST=first, BS=blk["BS"],
-                               BK=blk["BK_POLY"], IEEE=ieee, EPS_=EPS, **opts)
-            _ns_update[(n_full,)](x, y, self.a, self.b, self.mats, self.full_tiles, a, FIRST=first, BM=blk["BM"],
-                                  BN=blk["BN"], BK=blk["BK_UPD"], IEEE=ieee, EPS_=EPS, **opts)
+            _ns_gram[(self.gram_tiles.shape[0],)](x, self.a, self.mats, self.gram_tiles, BS=gram["BS"],
+                                                  BK=gram["BK"], IEEE=ieee, **opts(gram))
+            _ns_poly[(self.poly_tiles.shape[0],)](self.a, self.b, self.mats, self.poly_tiles, a, b, c, FIRST=first,
+                                                  FOLD=fold, BS=poly["BS"], BK=poly["BK"], IEEE=ieee, EPS_=EPS,
+                                                  **opts(poly))
+            _ns_update[(self.update_tiles.shape[0],)](x, y, self.a, self.b, self.mats, self.update_tiles, a,
+                                                      FIRST=first, FOLD=fold, BM=upd["BM"], BN=upd["BN"],
+                                                      BK=upd["BK"], IEEE=ieee, EPS_=EPS, **opts(upd))
 
     def run(self) -> list[torch.Tensor]:
         """Orthogonalize what is in `inputs` now; returns `outputs`."""

@@ -48,6 +48,7 @@ BASELINE = Preset(
     model=dict(num_layers=9, mlp_mult=2.0, mlp_negative_slope=0.0, ln_scale=False, qk_norm=True, rope_dims=0,
                qk_gain_init=1.5, xsa_layers="none", attn_out_gate="none", smear_gate=False, unet_skips=True,
                skip_gates=False, parallel_from_layer=-1, loop_count=1, resid_mix=True, doc_mask=False,
+               ortho_init=False,
                seq_len=1024),
     train=dict(train_batch_tokens=524_288, ema_decay=0.0, warmdown_frac=0.2, lr_floor=0.0),
     optim=dict(matrix_lr=0.04, embed_lr=0.05, scalar_lr=0.04, muon_momentum=0.95, muon_momentum_warmup_start=0.85,

@@ -131,3 +131,22 @@ def pattern_docs(n_docs: int, pattern_len: int, reps: int, vocab: int = 48, seed
         pattern = rng.integers(4, vocab, size=pattern_len)
         parts.append(np.concatenate([[pgolf.BOS_ID], np.tile(pattern, reps)]))
     return np.concatenate(parts).astype(np.int64)
+
+
+def tiny_gpt(vocab: int = 48, **overrides):
+    """pgolf's GPT, small, looped, two lanes, BigramHash, with every identity-initialized path made to matter."""
+    from pgolf.model import GPT, ModelConfig
+
+    cfg = ModelConfig(vocab_size=vocab, num_layers=4, model_dim=32, num_heads=2, num_kv_heads=1, seq_len=16,
+                      loop_start=1, loop_end=1, loop_count=2, parallel_from_layer=3, bigram_buckets=64,
+                      bigram_dim=8, **overrides)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.set_recurrence(True)
+    with torch.no_grad():  # leave the identity init: make every path (SmearGate, outputs, bigram) matter
+        for name, p in model.named_parameters():
+            if (p.dim() >= 2 and name.endswith(("w_o", "w_down"))) or name.startswith("bigram.embed"):
+                p.normal_(0, 0.2)
+        model.smear.lam.fill_(1.0)
+        model.smear.weight.normal_()
+    return model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_stand_ins import TinyLM, random_docs, tables
+from eval_stand_ins import TinyLM, random_docs, tables, tiny_gpt
 
 from pgolf.eval.bpb import BpbAccumulator
 from pgolf.eval.config import EvalConfig
@@ -119,24 +119,6 @@ def test_phased_lora_ttt_passes_with_phase_groups(tokens):
     assert report.ok, report.problems
     # without the groups, the phases' legal adaptation on earlier documents shows up as cross-document change
     assert not check(model, tokens, doc_isolation=True, **LORA).ok
-
-
-def tiny_gpt(**overrides):
-    from pgolf.model import GPT, ModelConfig
-
-    cfg = ModelConfig(vocab_size=VOCAB, num_layers=4, model_dim=32, num_heads=2, num_kv_heads=1, seq_len=16,
-                      loop_start=1, loop_end=1, loop_count=2, parallel_from_layer=3, bigram_buckets=64,
-                      bigram_dim=8, **overrides)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    model.set_recurrence(True)
-    with torch.no_grad():  # leave the identity init: make every path (SmearGate, outputs, bigram) matter
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and name.endswith(("w_o", "w_down")) or name.startswith("bigram.embed"):
-                p.normal_(0, 0.2)
-        model.smear.lam.fill_(1.0)
-        model.smear.weight.normal_()
-    return model
 
 
 def test_pgolf_gpt_passes_and_its_unmasked_smeargate_is_caught(tokens):

@@ -177,3 +177,36 @@ def test_config_from_environment_and_flags():
         EvalConfig(mode="nope")
     with pytest.raises(ValueError, match="window is 0"):
         EvalConfig().resolved_window(None)
+
+
+def test_cli_evaluates_a_checkpoint_and_an_artifact(tmp_path):
+    import dataclasses
+    import json
+
+    from pgolf.cli import build_parser
+    from pgolf.data.corpus import sample_paths
+    from pgolf.data.shards import write_shard
+    from pgolf.eval import cli
+    from pgolf.model import GPT, ModelConfig
+    from pgolf.quant.artifact import export_state_dict
+    from pgolf.quant.config import QuantConfig
+
+    cfg = ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, seq_len=32,
+                      loop_count=1, parallel_from_layer=-1)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    ckpt = tmp_path / "final.pt"
+    torch.save({"model_config": dataclasses.asdict(cfg), "model": model.state_dict()}, ckpt)
+    artifact = tmp_path / "model.pgq"
+    export_state_dict(model.state_dict(), {}, QuantConfig(), {"model_config": dataclasses.asdict(cfg)}, artifact)
+    tokens = random_docs(8, 10, 60, vocab=1024)
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    common = ["--val-files", str(tmp_path / "fineweb_val_*.bin"), "--tokenizer-path", str(sample_paths().tokenizer),
+              "--device", "cpu", "--stride", "8"]
+    for path, kind in ((ckpt, "checkpoint"), (artifact, "artifact")):
+        out = tmp_path / f"{kind}.json"
+        args = build_parser("eval").parse_args(["eval", str(path), *common, "--out", str(out)])
+        assert cli.main(args) == 0
+        result = json.loads(out.read_text())
+        assert result["kind"] == kind and result["tokens"] == len(tokens) - 1 and result["window"] == 32
+        assert 0 < result["val_bpb"] < 20 and "load" in result["seconds"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from eval_stand_ins import TinyLM, pattern_docs, random_docs, repeated_docs, tables
+from eval_stand_ins import TinyLM, pattern_docs, random_docs, repeated_docs, tables, tiny_gpt
 
 from pgolf.eval.budget import EvalBudget
 from pgolf.eval.config import EvalConfig
@@ -72,12 +72,24 @@ def test_lora_ttt_learns_within_documents_and_resets_between_them():
     np.testing.assert_allclose(alone.nll[1:], rec.nll[1:], rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("make", [lambda: TinyLM(seq_len=16), tiny_gpt], ids=["stand-in", "pgolf-gpt"])
+def test_lora_path_without_learning_scores_like_doc_aware_sliding(make):
+    """lr 0: the LoRA path (hidden states, head, softcap computed in lora_ttt) must reproduce the model's own
+    scores with the same contexts: document-aware sliding windows at stride = chunk."""
+    torch.manual_seed(0)
+    model = make()
+    tokens = random_docs(7, 5, 45, seed=3)
+    lora, ref = TokenRecorder(len(tokens)), TokenRecorder(len(tokens))
+    evaluate(model, tokens, tables(), EvalConfig(**dict(LORA, lora_lr=0.0, lora_chunk=6)), recorder=lora)
+    evaluate(model, tokens, tables(), EvalConfig(mode="sliding", stride=6, doc_aware=True), recorder=ref)
+    np.testing.assert_allclose(lora.nll[1:], ref.nll[1:], rtol=1e-4, atol=1e-4)
+
+
 def test_global_phases_carry_what_earlier_documents_taught():
     torch.manual_seed(0)
     model = TinyLM(seq_len=16)
     tokens = repeated_docs(8, 60)
-    cfg = dict(LORA, lora_lr=1e-6, phase_prefix_docs=6, phase_lr=0.3, phase_epochs=2, ttt_chunk_tokens=120,
-               ttt_freeze_embeddings=False)
+    cfg = dict(LORA, lora_lr=1e-6, phase_prefix_docs=6, phase_lr=0.3, phase_epochs=2, ttt_chunk_tokens=120)
     no_phase = bpb(model, tokens, **cfg)
     phased = bpb(model, tokens, **dict(cfg, phases=3))
     assert phased["phase_boundaries"] == [2, 4, 6] and phased["phases_run"] == 3

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pgolf.kernels.mlp import fused_mlp, mlp_reference
+from pgolf.kernels.mlp import _tma_ready, down_grad_act, fused_mlp, mlp_reference, up_act
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +26,8 @@ def fwd_bwd(fn, x, w_up, w_down, grad, slope):
     return (out, *torch.autograd.grad(out, ins, grad.to(out.dtype)))
 
 
-# record width; then token counts, widths and hidden sizes off the 64/128/256 blocks (hidden 1004: partial sign byte)
+# record width; then token counts, widths and hidden sizes off the 64/128/256 blocks (hidden 1004: rows of 2008
+# bytes, not 16-byte aligned, so the pointer kernel; the others take the TMA kernel)
 @pytest.mark.parametrize("tokens,dim,hidden", [(4099, 512, 2048), (777, 200, 1004), (1000, 384, 1536)])
 @pytest.mark.parametrize("slope", [0.5, 0.0])
 def test_bf16_matches_fp32_reference(tokens, dim, hidden, slope):
@@ -39,6 +40,22 @@ def test_bf16_matches_fp32_reference(tokens, dim, hidden, slope):
         err = rel(a, b)
         assert err < 1e-2, name
         assert err < 2 * rel(e, b) + 1e-3, name  # no worse than eager bf16 arithmetic
+
+
+@pytest.mark.parametrize("hidden", [2048, 1004])
+def test_bf16_act_carries_the_sign(hidden):
+    x, w_up, w_down, _ = case(3000, 512, hidden)
+    assert _tma_ready(x, w_up, torch.empty(3000, hidden, device="cuda", dtype=torch.bfloat16)) == (hidden == 2048)
+    pre = x.float() @ w_up.float().t()
+    act = up_act(x, w_up, 0.5)
+    plain = up_act(x, w_up, 0.5, encode_sign=False)
+    clear = pre.abs() > 1e-3  # signs of near-zero pre may differ between summation orders
+    assert torch.equal((act.view(torch.int16) & 1).bool()[clear], (pre > 0)[clear])
+    assert rel(plain, torch.where(pre > 0, pre, 0.5 * pre) ** 2) < 5e-3
+    assert ((act.float() - plain.float()).abs() <= plain.float().abs() * 2**-7 * 1.001).all()
+    dout = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16)
+    expected = (dout.float() @ w_down.float()) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+    assert rel(down_grad_act(dout, w_down, act, 0.5), expected) < 1e-2
 
 
 def test_record_shape_large_inputs_nan_free():

@@ -34,7 +34,8 @@ def test_record_plan_graph_replays_fresh_inputs():
         outs = plan.as_orthogonalizer()(gs)
         for g, out in zip(gs, outs):
             ref = ns.newton_schulz_reference(g[:2].double(), 5, "polar_express", dtype=torch.float64)
-            assert rel_err(out[:2], ref) < 1e-2
+            eager = rel_err(ns.newton_schulz_reference(g[:2], 5, "polar_express"), ref)
+            assert rel_err(out[:2], ref) < max(1.5 * eager, 1e-2)
             assert torch.isfinite(out).all()
     assert plan.graph is not None
     for out in outs[2:]:  # tall and wide 4:1 matrices: every singular value in the Polar Express band

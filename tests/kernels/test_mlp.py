@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pgolf.kernels import mlp
-from pgolf.kernels.mlp import down_grad_act, fused_mlp, mlp_reference, sign_bytes, up_act
+from pgolf.kernels.mlp import _tma_ready, down_grad_act, fused_mlp, mlp_reference, up_act
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +22,10 @@ def weights(dim: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return w_up, w_down
 
 
-# token counts, widths and hidden sizes off the 32-blocks of the interpreter config; hidden 44 and 20 leave a
-# partial byte of sign bits; (3, 5) is a batch of sequences
-@pytest.mark.parametrize("lead,dim,hidden", [((50,), 40, 84), ((3, 5), 24, 44), ((33,), 16, 20)])
+# token counts, widths and hidden sizes off the 32/16-blocks of the interpreter configs; in fp16, (50, 40, 88) takes
+# the TMA kernel (16-byte rows) and the odd hidden sizes 44 and 20 the pointer kernel, as fp32 always does;
+# (3, 5) is a batch of sequences
+@pytest.mark.parametrize("lead,dim,hidden", [((50,), 40, 88), ((3, 5), 24, 44), ((33,), 16, 20)])
 @pytest.mark.parametrize("slope", [0.5, 0.0])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
 def test_matches_reference_forward_backward(lead, dim, hidden, slope, dtype, tol):
@@ -44,30 +45,36 @@ def test_matches_reference_forward_backward(lead, dim, hidden, slope, dtype, tol
         assert rel(g, r) < tol, name
 
 
-def test_saved_state_is_act_and_sign_bits():
-    x = torch.randn(37, 24)
-    w_up, _ = weights(24, 44, torch.float32)
-    act, signs = up_act(x, w_up.detach(), 0.5)
-    pre = x @ w_up.detach().t()
-    assert rel(act, torch.where(pre > 0, pre, 0.5 * pre) ** 2) < 1e-6
-    assert signs.dtype == torch.uint8 and signs.shape == (37, sign_bytes(44))
-    bits = (signs[:, :, None].long() >> torch.arange(8)) & 1
-    assert torch.equal(bits.reshape(37, -1)[:, :44].bool(), pre > 0)
-    assert (bits.reshape(37, -1)[:, 44:] == 0).all()
-    act0, signs0 = up_act(x, w_up.detach(), 0.0)
-    assert signs0.numel() == 0 and rel(act0, torch.relu(pre) ** 2) < 1e-6
+@pytest.mark.parametrize("dtype,hidden", [(torch.float32, 44), (torch.float16, 48), (torch.float16, 44)])
+def test_saved_act_carries_the_sign_in_its_last_bit(dtype, hidden):
+    x = torch.randn(37, 24).to(dtype)
+    w_up = (torch.randn(hidden, 24) / 24**0.5).to(dtype)
+    assert _tma_ready(x, w_up, torch.empty(37, hidden, dtype=dtype)) == (dtype == torch.float16 and hidden == 48)
+    pre = x.double() @ w_up.double().t()
+    exact = torch.where(pre > 0, pre, 0.5 * pre) ** 2
+    act = up_act(x, w_up, 0.5)
+    bits = act.view(torch.int16 if dtype == torch.float16 else torch.int32)
+    assert torch.equal((bits & 1).bool(), pre > 0)
+    plain = up_act(x, w_up, 0.5, encode_sign=False)  # the same kernel, act rounded to nearest
+    assert rel(plain, exact) < 1e-3
+    ulp = torch.finfo(dtype).eps * plain.double().abs().clamp_min(torch.finfo(dtype).tiny)
+    step = (act.double() - plain.double()).abs()
+    assert (step <= ulp * 1.001).all()  # the encoded act is the rounded one or its neighbour
+    assert ((step > 0) == ((bits & 1).bool() != (plain.view(bits.dtype) & 1).bool())).all()
+    assert rel(up_act(x, w_up, 0.0), torch.relu(pre) ** 2) < 1e-3
 
 
-def test_grad_of_act_from_saved_state():
-    x, dout = torch.randn(29, 24), torch.randn(29, 24)
-    w_up, w_down = (w.detach() for w in weights(24, 40, torch.float32))
-    act, signs = up_act(x, w_up, 0.5)
-    pre = x @ w_up.t()
-    expected = (dout @ w_down) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
-    assert rel(down_grad_act(dout, w_down, act, signs, 0.5), expected) < 1e-5
+@pytest.mark.parametrize("dtype,hidden", [(torch.float32, 40), (torch.float16, 40), (torch.float16, 36)])
+def test_grad_of_act_from_saved_act(dtype, hidden):
+    x, dout = torch.randn(29, 24).to(dtype), torch.randn(29, 24).to(dtype)
+    w_up, w_down = (w.detach() for w in weights(24, hidden, dtype))
+    act = up_act(x, w_up, 0.5)
+    pre = x.double() @ w_up.double().t()
+    expected = (dout.double() @ w_down.double()) * torch.where(pre > 0, 2 * pre, 0.5 * pre)
+    assert rel(down_grad_act(dout, w_down, act, 0.5), expected) < (1e-5 if dtype == torch.float32 else 3e-3)
 
 
-def test_no_grad_forward_skips_sign_bits_and_matches():
+def test_no_grad_forward_matches():
     x = torch.randn(21, 24)
     w_up, w_down = (w.detach() for w in weights(24, 44, torch.float32))
     with torch.no_grad():

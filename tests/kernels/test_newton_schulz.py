@@ -23,10 +23,12 @@ def test_kernel_matches_fp64_iteration(shape, schedule, dtype, tol):
     assert rel_err(out, ref) < tol
 
 
-def test_plan_groups_shapes_in_one_launch_and_hits_the_band():
+@pytest.mark.parametrize("fold", [0, 1])
+def test_plan_groups_shapes_in_one_launch_and_hits_the_band(fold):
     """Three shapes (one tall) through one plan: each equals its own run; singular values in the band."""
     shapes = [(2, 24, 56), (1, 56, 24), (1, 33, 33)]
-    plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", device="cpu", dtype=torch.float32)
+    plan = ns.NewtonSchulzPlan(shapes, 5, "polar_express", device="cpu", dtype=torch.float32,
+                               blocks={"fold": {"on": fold}})
     gs = [torch.randn(s) for s in shapes]
     for inp, g in zip(plan.inputs, gs):
         inp.copy_(g)
