@@ -138,39 +138,75 @@ def options_table(weights, hessians) -> list[dict]:
     return out
 
 
-def main() -> None:
-    """Device run: suite rows, tuning sweep, option table, and a rANS artifact of the synthetic model in $OUT."""
+def export_table(weights, hessians, budget: int = 16_000_000) -> list[dict]:
+    """End-to-end export (quantize + rANS artifact, in memory) under the byte budget for budget-driven options."""
+    from pgolf.quant.artifact import export_state_dict
+
+    state = {n: w for n, w in weights.items()}
+    variants = {"sdclip int6/7 + lqer": {}, "adaptive k": {"clip_mode": "adaptive"},
+                "mixed bits + adaptive k": {"clip_mode": "adaptive", "mixed_bits": True}}
+    out = []
+    for label, changes in variants.items():
+        cfg = QuantConfig(quant_min_numel=0, compressor="rans", artifact_budget_bytes=budget, report_only=True,
+                          **changes)
+        t0 = time.perf_counter()
+        qm, rep = export_state_dict(state, hessians, cfg)
+        seconds = time.perf_counter() - t0
+        errs = [t["rel_error"] for t in rep["quant"]["tensors"].values()]
+        bits = sorted({qt.bits for qt in qm.tensors.values()})
+        out.append({"export": label, "seconds": round(seconds, 2), "quant_seconds": round(rep["quant"]["seconds"]["total"], 3),
+                    "bytes": rep["model_bytes"], "mean_rel_error": sum(errs) / len(errs), "bits_used": bits})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Device run: suite rows, tuning sweep, option table, export table, a rANS artifact in $OUT.
+
+    `python -m pgolf.bench.gptq [suite] [tune] [options] [export] [artifact]` (default: all).
+    """
     import json
     import os
+    import sys
     from pathlib import Path
 
     from pgolf.bench.harness import measure_ceilings, write_results
     from pgolf.quant.artifact import build_quantized_model, save_artifact
     from pgolf.quant.gptq import quantize_weights
 
+    parts = set((argv if argv is not None else sys.argv[1:]) or ["suite", "tune", "options", "export", "artifact"])
     out = Path(os.environ.get("OUT", "."))
-    rows = run(measure_ceilings())
+    extra: dict = {}
+    rows = run(measure_ceilings()) if "suite" in parts else []
     weights, hessians = record_model_problem("cuda")
-    tuning = tune(weights, hessians)
-    options = options_table(weights, hessians)
-    qts, _ = quantize_weights(weights, hessians, QuantConfig(quant_min_numel=0))
-    qm = build_quantized_model({n: w.cpu() for n, w in weights.items()}, qts, QuantConfig(quant_min_numel=0))
-    t0 = time.perf_counter()
-    art = save_artifact(qm, out / "synthetic_record.pgq", compressor="rans", report_only=True)
-    art_seconds = time.perf_counter() - t0
-    write_results("gptq_model", rows, directory=out)
-    (out / "gptq_extra.json").write_text(json.dumps({"tuning": tuning, "options": options, "artifact": art,
-                                                     "artifact_seconds": art_seconds}, indent=1, default=str))
-    print("\nblock_r warps prefetch  ms")
-    for block_r, warps, prefetch, ms in tuning:
-        print(f"{block_r:7d} {warps:5d} {str(prefetch):8s} {ms:8.2f}")
-    print("\noption              s      mean rel err")
-    for o in options:
-        print(f"{o['option']:18s} {o['seconds']:6.3f}  {o['mean_rel_error']:.5f}  {o['breakdown']}")
-    print(f"\nrANS artifact {art['model_bytes']:,} B in {art_seconds:.1f} s")
-    print("\nbench impl   median_ms  same_ints")
-    for r in rows:
-        print(f"{r['bench']} {r['impl']:6s} {r['median_ms']:10.2f}  {r.get('same_ints', '')}  {r['device']}")
+    if "tune" in parts:
+        extra["tuning"] = tune(weights, hessians)
+        print("\nblock_r warps prefetch  ms")
+        for block_r, warps, prefetch, ms in extra["tuning"]:
+            print(f"{block_r:7d} {warps:5d} {str(prefetch):8s} {ms:8.2f}")
+    if "options" in parts:
+        extra["options"] = options_table(weights, hessians)
+        print("\noption              s      mean rel err")
+        for o in extra["options"]:
+            print(f"{o['option']:18s} {o['seconds']:6.3f}  {o['mean_rel_error']:.5f}  {o['breakdown']}")
+    if "export" in parts:
+        extra["export"] = export_table(weights, hessians)
+        print("\nexport                      s   quant_s      bytes  mean rel err  bits")
+        for e in extra["export"]:
+            print(f"{e['export']:24s} {e['seconds']:6.2f} {e['quant_seconds']:7.3f} {e['bytes']:10,d}  "
+                  f"{e['mean_rel_error']:.5f}  {e['bits_used']}")
+    if "artifact" in parts:
+        qts, _ = quantize_weights(weights, hessians, QuantConfig(quant_min_numel=0))
+        qm = build_quantized_model({n: w.cpu() for n, w in weights.items()}, qts, QuantConfig(quant_min_numel=0))
+        t0 = time.perf_counter()
+        extra["artifact"] = save_artifact(qm, out / "synthetic_record.pgq", compressor="rans", report_only=True)
+        extra["artifact_seconds"] = time.perf_counter() - t0
+        print(f"\nrANS artifact {extra['artifact']['model_bytes']:,} B in {extra['artifact_seconds']:.1f} s")
+    if rows:
+        write_results("gptq_model", rows, directory=out)
+        print("\nbench impl   median_ms  same_ints")
+        for r in rows:
+            print(f"{r['bench']} {r['impl']:6s} {r['median_ms']:10.2f}  {r.get('same_ints', '')}  {r['device']}")
+    (out / "gptq_extra.json").write_text(json.dumps(extra, indent=1, default=str))
 
 
 if __name__ == "__main__":

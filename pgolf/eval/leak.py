@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import pgolf
+from pgolf.eval.evaluate import evaluate
 from pgolf.eval.sliding import TokenRecorder, doc_starts
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
@@ -139,7 +140,6 @@ def check_leaks(score_fn: ScoreFn, tokens: np.ndarray, vocab_size: int, *, cuts:
 
 def evaluator_scores(model, tables, cfg) -> ScoreFn:
     """A scorer running pgolf.eval.evaluate(model, tokens, tables, cfg) and returning every target's NLL."""
-    from pgolf.eval.evaluate import evaluate
 
     def score(tokens: np.ndarray) -> np.ndarray:
         recorder = TokenRecorder(len(tokens))

@@ -371,7 +371,7 @@ def _global_phase(model: nn.Module, tokens: np.ndarray, hi: int, cfg, window: in
     chunks = [(lo, min(lo + cfg.ttt_chunk_tokens - 1, hi)) for lo in range(1, hi + 1, cfg.ttt_chunk_tokens)]
     for c, (lo, c_hi) in enumerate(chunks):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg.phase_lr, c, len(chunks), cfg.ttt_cosine)
+            group["lr"] = cosine_lr(cfg.phase_lr, c, len(chunks) + 1, cfg.ttt_cosine)  # last chunk still learns
         sgd_pass(model, params, opt, tokens, lo, c_hi, cfg.ttt_seq_len or window, cfg.ttt_batch_seqs,
                  cfg.phase_epochs, cfg.ttt_grad_clip, device, cfg.autocast)
     for p in params:

@@ -219,7 +219,8 @@ def layout(windows: Windows, tokens: np.ndarray, window: int, batch: int, pack: 
     """Place windows in rows and rows in batches of about `batch` x `window` tokens.
 
     pack=True puts windows that begin at a BOS together (the model's doc mask must isolate them), at most
-    `max_per_row` per row (the model's document slots per row; 0 = no limit); fixed_shape=True pads every batch to (batch, window), the shape torch.compile sees once.
+    `max_per_row` per row (the model's document slots per row; 0 = no limit); fixed_shape=True pads every
+    batch to (batch, window), the one shape torch.compile then sees.
     """
     n = len(windows)
     if pack:

@@ -70,6 +70,7 @@ def all_reduce_grads(params: list[nn.Parameter]) -> None:
 
 
 def cosine_lr(base: float, index: int, count: int, enabled: bool) -> float:
+    """base * (1 + cos(pi * index / (count - 1))) / 2: the peak at index 0, zero at index count - 1."""
     if not enabled or count <= 1:
         return base
     return base * 0.5 * (1.0 + math.cos(math.pi * min(index, count - 1) / (count - 1)))
@@ -184,7 +185,7 @@ def run_ttt(model: nn.Module, tokens: np.ndarray, acc, cfg, window: int, budget,
             continue
         t0 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg.ttt_lr, c, len(chunks) - 1, cfg.ttt_cosine)
+            group["lr"] = cosine_lr(cfg.ttt_lr, c, len(chunks), cfg.ttt_cosine)
         with budget.phase("ttt_train"):
             steps += sgd_pass(forward, params, opt, tokens, lo, hi, seq_len, cfg.ttt_batch_seqs, cfg.ttt_epochs,
                               cfg.ttt_grad_clip, device, cfg.autocast)

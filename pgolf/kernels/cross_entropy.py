@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pgolf.kernels.dispatch import use_triton
+from pgolf.kernels.dispatch import compute_dtype, use_triton
 
 try:
     import triton
@@ -57,7 +57,7 @@ def _softcap_ce_triton(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
         raise ValueError(f"pgolf/kernels/cross_entropy.py: h {tuple(h.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} do not fit (N, dim), (V, dim), (N,)")
-    h = h.contiguous()
+    h = h.to(compute_dtype(h)).contiguous()
     weight = weight.to(h.dtype).contiguous()
     targets = targets.contiguous()
     cap, chunk = float(cap), int(CHUNK_ROWS)

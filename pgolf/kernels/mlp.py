@@ -21,14 +21,17 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from pgolf.kernels.dispatch import interpreting, use_triton
+from pgolf.kernels.dispatch import compute_dtype, interpreting, say_once, use_triton
 
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - the reference path needs no Triton
     triton = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton before 3.3: the pointer kernel only
+    TensorDescriptor = None
 
 
 def leaky_relu_square(h: torch.Tensor, negative_slope: float = 0.5) -> torch.Tensor:
@@ -59,6 +62,7 @@ def _check_shapes(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> 
 
 def _fused_mlp_triton(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, negative_slope: float) -> torch.Tensor:
     _check_shapes(x, w_up, w_down)
+    x = x.to(compute_dtype(x))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     w_up = w_up.to(x.dtype).contiguous()
@@ -204,7 +208,7 @@ def _has_tma(device: torch.device) -> bool:
 
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """TMA descriptors need 16-byte aligned bases and row strides; the fast configs assume 16-bit elements."""
-    return _has_tma(tensors[0].device) and all(
+    return TensorDescriptor is not None and _has_tma(tensors[0].device) and all(
         t.element_size() == 2 and t.stride(1) == 1 and t.stride(0) * 2 % 16 == 0 and t.data_ptr() % 16 == 0
         for t in tensors)
 
@@ -217,15 +221,26 @@ def _launch(a: torch.Tensor, b: torch.Tensor, trans_b: bool, c: torch.Tensor, ac
     dtypes = dict(OUT=getattr(tl, _TL_DTYPES[c.dtype]), BITS=tl.int16 if c.element_size() == 2 else tl.int32)
     act = c if act is None else act  # a stand-in the forward epilogue never reads
     if _tma_ready(a, b, c, act):
+        if c.is_cuda:
+            # Host-side TMA descriptors are encoded through the driver API, which needs a current CUDA context;
+            # autograd's device thread can lack one ("invalid device context", seen on H100 in a benchmark whose
+            # first backward op was this kernel). cuBLAS's handle getter makes the primary context current.
+            torch.cuda.current_blas_handle()
         bm, bn, bk, warps, stages = (32, 32, 16, 4, 1) if interpreting() else (128, 256, 64, 8, 3)
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         progs = max(1, min(tiles, 4 if interpreting() else _sm_count(c.device)))
         desc = TensorDescriptor.from_tensor
-        _mlp_tma_kernel[(progs,)](desc(a, [bm, bk]), desc(b, [bn, bk] if trans_b else [bk, bn]), desc(c, [bm, bn]),
-                                  desc(act, [bm, bn]), M, N, K, abs_slope, EPILOGUE=epilogue,
-                                  ENCODE_SIGN=encode_sign, TRANS_B=trans_b, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                  GROUP_M=8, NUM_PROGS=progs, num_warps=warps, num_stages=stages, **dtypes)
-        return
+        try:
+            _mlp_tma_kernel[(progs,)](desc(a, [bm, bk]), desc(b, [bn, bk] if trans_b else [bk, bn]),
+                                      desc(c, [bm, bn]), desc(act, [bm, bn]), M, N, K, abs_slope,
+                                      EPILOGUE=epilogue, ENCODE_SIGN=encode_sign, TRANS_B=trans_b, BLOCK_M=bm,
+                                      BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_PROGS=progs, num_warps=warps,
+                                      num_stages=stages, **dtypes)
+            return
+        except RuntimeError as err:  # descriptor creation failed on the host, before any launch: fall back
+            if "tensor map" not in str(err):
+                raise
+            say_once("mlp-tma", f"pgolf/kernels/mlp.py: TMA descriptors unavailable ({err}); using the pointer kernel")
     stride_bk, stride_bn = (b.stride(1), b.stride(0)) if trans_b else (b.stride(0), b.stride(1))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _mlp_pointer_kernel[grid](a, b, c, act, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn, c.stride(0),
@@ -267,8 +282,9 @@ def _mlp_backward(dout: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, w_dow
                   negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_up, dw_down)."""
     dout = dout.contiguous()
+    dw_down = torch.mm(dout.t(), act)  # first: cuBLAS also makes a CUDA context current on autograd's thread
     d_pre = down_grad_act(dout, w_down, act, negative_slope)
-    return torch.mm(d_pre, w_up), torch.mm(d_pre.t(), x), torch.mm(dout.t(), act)
+    return torch.mm(d_pre, w_up), torch.mm(d_pre.t(), x), dw_down
 
 
 @_mlp_backward.register_fake

@@ -284,18 +284,19 @@ def _default_blocks(device_type: str) -> tuple[tuple[str, tuple[tuple[str, int],
         cfg = {"gram": {"BS": 128, "BK": 64, "warps": 8, "stages": 3},
                "poly": {"BS": 128, "BK": 64, "warps": 8, "stages": 3},
                "update": {"BM": 128, "BN": 128, "BK": 64, "warps": 8, "stages": 3},
-               "fold": {"on": 0}}
+               "fold": {"on": 1}, "chunks": {"n": 1}}
     else:  # small tiles for the (slow) interpreter
         cfg = {"gram": {"BS": 16, "BK": 16, "warps": 4, "stages": 1},
                "poly": {"BS": 16, "BK": 16, "warps": 4, "stages": 1},
                "update": {"BM": 16, "BN": 32, "BK": 16, "warps": 4, "stages": 1},
-               "fold": {"on": 0}}
+               "fold": {"on": 0}, "chunks": {"n": 1}}
     return tuple((k, tuple(v.items())) for k, v in cfg.items())
 
 
 def default_blocks(device_type: str, overrides: dict[str, KernelConfig] | None = None) -> dict[str, KernelConfig]:
-    """Tile sizes, warps and pipeline stages per kernel ("gram", "poly", "update"), and "fold" (a*I folded
-    into B), with `overrides` merged in per kernel."""
+    """Tile sizes, warps and pipeline stages per kernel ("gram", "poly", "update"), "fold" (a*I folded into B:
+    no aX epilogue; measured faster on the H100, error 1.17e-2 instead of 1.12e-2 against fp64) and "chunks"
+    (the matrices split into n groups launched one after the other, for L2 reuse), with `overrides` merged in."""
     out = {k: dict(v) for k, v in _default_blocks(device_type)}
     for k, v in (overrides or {}).items():
         if k not in out:
@@ -354,15 +355,26 @@ class NewtonSchulzPlan:
         nb = -(-m // bs)
         return [(i, j, k) for i in range(nb) for j in range(i + 1)]
 
-    def _tiles(self, per_matrix: Callable[[int, int], list[tuple[int, int, int]]]) -> torch.Tensor:
-        """(matrix, ti, tj) rows for every matrix; longest reductions first (stable, so the tiles of one
-        matrix stay together for the L2), so that short tiles fill the tail of the launch."""
-        rows = []
+    def _tiles(self, per_matrix: Callable[[int, int], list[tuple[int, int, int]]]) -> list[torch.Tensor]:
+        """Per chunk, (matrix, ti, tj) rows for each of its matrices; longest reductions first (stable, so the
+        tiles of one matrix stay together for the L2), so that short tiles fill the tail of the launch.
+        Chunks split the matrices in order into groups of about equal X bytes."""
+        n_chunks = self.blocks["chunks"]["n"]
+        total = sum(batch * m * n for _, batch, m, n, *_ in self.layout)
+        chunks: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_chunks)]
+        done = 0
         for first, batch, m, n, *_ in self.layout:
             tiles = per_matrix(m, n)
-            rows += [(first + k, i, j, red) for k in range(batch) for i, j, red in tiles]
-        rows.sort(key=lambda r: -r[3])
-        return torch.tensor([r[:3] for r in rows], dtype=torch.int32, device=self.device).reshape(-1, 3)
+            for k in range(batch):
+                chunk = min(n_chunks - 1, done * n_chunks // max(total, 1))
+                chunks[chunk] += [(first + k, i, j, red) for i, j, red in tiles]
+                done += m * n
+        out = []
+        for rows in chunks:
+            if rows:
+                rows.sort(key=lambda r: -r[3])
+                out.append(torch.tensor([r[:3] for r in rows], dtype=torch.int32, device=self.device).reshape(-1, 3))
+        return out
 
     def _view(self, buf: int, i: int) -> torch.Tensor:
         first, batch, m, n, tall, ldx, lda, off = self.layout[i]
@@ -381,14 +393,14 @@ class NewtonSchulzPlan:
         for step, (a, b, c) in enumerate(self.coeffs):
             x, y = self.xs[step % 2], self.xs[(step + 1) % 2]
             first = step == 0
-            _ns_gram[(self.gram_tiles.shape[0],)](x, self.a, self.mats, self.gram_tiles, BS=gram["BS"],
-                                                  BK=gram["BK"], IEEE=ieee, **opts(gram))
-            _ns_poly[(self.poly_tiles.shape[0],)](self.a, self.b, self.mats, self.poly_tiles, a, b, c, FIRST=first,
-                                                  FOLD=fold, BS=poly["BS"], BK=poly["BK"], IEEE=ieee, EPS_=EPS,
-                                                  **opts(poly))
-            _ns_update[(self.update_tiles.shape[0],)](x, y, self.a, self.b, self.mats, self.update_tiles, a,
-                                                      FIRST=first, FOLD=fold, BM=upd["BM"], BN=upd["BN"],
-                                                      BK=upd["BK"], IEEE=ieee, EPS_=EPS, **opts(upd))
+            for gt, pt, ut in zip(self.gram_tiles, self.poly_tiles, self.update_tiles):
+                _ns_gram[(gt.shape[0],)](x, self.a, self.mats, gt, BS=gram["BS"], BK=gram["BK"], IEEE=ieee,
+                                         **opts(gram))
+                _ns_poly[(pt.shape[0],)](self.a, self.b, self.mats, pt, a, b, c, FIRST=first, FOLD=fold,
+                                         BS=poly["BS"], BK=poly["BK"], IEEE=ieee, EPS_=EPS, **opts(poly))
+                _ns_update[(ut.shape[0],)](x, y, self.a, self.b, self.mats, ut, a, FIRST=first, FOLD=fold,
+                                           BM=upd["BM"], BN=upd["BN"], BK=upd["BK"], IEEE=ieee, EPS_=EPS,
+                                           **opts(upd))
 
     def run(self) -> list[torch.Tensor]:
         """Orthogonalize what is in `inputs` now; returns `outputs`."""

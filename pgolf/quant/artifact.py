@@ -264,39 +264,58 @@ def _candidates(kind: str, compressor: str) -> list[tuple[str, str]]:
 
 
 def _encode_stream(raw: bytes, codec: str, method: str) -> bytes:
+    """Compress one stream; `codec` here only says whether to byte-shuffle first (fp16 streams)."""
     data = _shuffle(raw, 2) if codec == "shuffle" else raw
     return cz.compress_bytes(data, method)
 
 
-def build_blob(qm: QuantizedModel, compressor: str = "best", workers: int | None = None) -> tuple[bytes, dict]:
-    """The artifact bytes, and a report of every tried (stream, codec, method) size."""
+def _meta_bytes(qm: QuantizedModel, ctx_info: dict) -> bytes:
     qrec, srec = _tensor_records(qm)
+    meta_obj = {"format": VERSION, "meta": qm.meta, "order": qm.order, "aliases": qm.aliases, "q": qrec, "s": srec,
+                "ctx": ctx_info}
+    return json.dumps(meta_obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def build_blob(qm: QuantizedModel, compressor: str = "best", workers: int | None = None) -> tuple[bytes, dict]:
+    """The artifact bytes, and a report of every tried (stream, codec, method) size.
+
+    Candidates: per stream, every codec x method of `_candidates`; and "solid": the plain serialization (codes
+    one byte each) in one inner container under one compressor, which is exactly "that compressor alone".
+    """
     raw = _raw_streams(qm)
     sym_inputs: dict[str, tuple[bytes, bytes, dict]] = {}
-    for codec in {c for c, _ in _candidates("sym", compressor)}:
+    for codec in {c for c, _ in _candidates("sym", compressor)} | ({"plain"} if compressor != "rans" else set()):
         sym_inputs[codec] = _symbol_variants(qm, codec)
     jobs = {}
     for codec, method in _candidates("sym", compressor):
-        jobs[("sym", codec, method)] = (sym_inputs[codec][0], "plain" if codec != "rans" else "rans", method)
+        jobs[("sym", codec, method)] = (sym_inputs[codec][0], "plain", method)
     for kind in ("f16", "raw", "lqer"):
         for codec, method in _candidates(kind, compressor):
             jobs[(kind, codec, method)] = (raw[kind], codec, method)
+    if compressor != "rans":
+        plain_meta = _meta_bytes(qm, {})
+        inner = _container([("meta", "plain", "none", plain_meta, plain_meta)] +
+                           [(k, "plain", "none", d, d) for k, d in (("sym", sym_inputs["plain"][0]),
+                                                                    ("f16", raw["f16"]), ("raw", raw["raw"]),
+                                                                    ("lqer", raw["lqer"]))])
+        for method in {m for _, m in _candidates("sym", compressor) if m != "none"}:
+            jobs[("solid", "plain", method)] = (inner, "plain", method)
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {key: pool.submit(_encode_stream, data, codec if codec == "shuffle" else "plain", method)
+        futures = {key: pool.submit(_encode_stream, data, codec, method)
                    for key, (data, codec, method) in jobs.items()}
         results = {key: f.result() for key, f in futures.items()}
-    tried = {f"{k[0]}:{k[1]}:{k[2]}": len(v) for k, v in results.items()}
+    tried = {f"{k[0]}:{k[1]}:{k[2]}": len(v) for k, v in results.items() if k[0] != "solid"}
     chosen: dict[str, tuple[str, str, bytes, int]] = {}  # kind -> (codec, method, payload, bytes of ctx maps)
     for (kind, codec, method), payload in results.items():
+        if kind == "solid":
+            continue
         extra = len(sym_inputs[codec][1]) if kind == "sym" else 0
         if kind not in chosen or len(payload) + extra < len(chosen[kind][2]) + chosen[kind][3]:
             chosen[kind] = (codec, method, payload, extra)
     sym_codec = chosen["sym"][0] if "sym" in chosen else "plain"
     sym_data, ctx_raw, ctx_info = sym_inputs.get(sym_codec, (b"", b"", {}))
-    meta_obj = {"format": VERSION, "meta": qm.meta, "order": qm.order, "aliases": qm.aliases, "q": qrec, "s": srec,
-                "ctx": ctx_info}
-    meta_raw = json.dumps(meta_obj, separators=(",", ":"), sort_keys=True).encode()
+    meta_raw = _meta_bytes(qm, ctx_info)
     meta_method, meta_stored = _smallest(meta_raw)
     ctx_method, ctx_stored = _smallest(ctx_raw)
     streams = [("meta", "plain", meta_method, meta_raw, meta_stored), ("ctx", "plain", ctx_method, ctx_raw, ctx_stored)]
@@ -310,14 +329,10 @@ def build_blob(qm: QuantizedModel, compressor: str = "best", workers: int | None
     report = {"bytes": len(blob), "streams": {s[0]: {"codec": s[1], "method": s[2], "raw": len(s[3]),
                                                      "stored": len(s[4])} for s in streams},
               "tried": tried, "layout": "per-stream"}
-    # solid alternative: every stream uncompressed in one inner container, compressed as a whole
-    inner = _container([(s[0], "plain" if s[1] == "shuffle" else s[1], "none", s[3],
-                         s[4] if s[1] == "rans" else s[3]) for s in streams])
-    methods = [m for m in ("zstd", "lzma", "brotli") if m in cz.available_methods()]
-    if compressor != "best":
-        methods = [] if compressor == "rans" else [compressor]
-    for method in methods:
-        solid = _container([("solid", "plain", method, inner, cz.compress_bytes(inner, method))])
+    for (kind, _, method), payload in results.items():
+        if kind != "solid":
+            continue
+        solid = _container([("solid", "plain", method, inner, payload)])
         tried[f"solid:{method}"] = len(solid)
         if len(solid) < len(blob):
             blob = solid

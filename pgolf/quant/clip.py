@@ -28,6 +28,7 @@ import torch
 from pgolf.quant.bits import qmax as qmax_of
 
 _SCALE_FLOOR = 1e-6
+_LOG_K_STEP = 0.01  # grid of the size model in log k
 
 
 def round_scale(s: torch.Tensor) -> torch.Tensor:
@@ -113,15 +114,16 @@ class SizeModel:
         self.row_var = float(w.var(dim=1, correction=0).mean())
         self.h_mean = float(h_diag.float().mean()) if h_diag is not None else 1.0
         self.h_diag = None if h_diag is None else h_diag.float().to(w.device)
-        self._cache: dict[tuple[int, float], tuple[float, float]] = {}
+        self._cache: dict[tuple[int, int], tuple[float, float]] = {}
 
     @property
     def numel(self) -> int:
         return self.rows * self.cols
 
-    def _stats(self, bits: int, k: float) -> tuple[float, float]:
-        key = (bits, round(k, 6))
+    def _grid_stats(self, bits: int, g: int) -> tuple[float, float]:
+        key = (bits, g)
         if key not in self._cache:
+            k = math.exp(g * _LOG_K_STEP)
             qm = qmax_of(bits)
             q = torch.clamp(torch.floor(self.z * (qm / k) + 0.5), -qm, qm)
             err = (self.z - q * (k / qm)) ** 2
@@ -129,6 +131,14 @@ class SizeModel:
                 err = err * self.h_diag[None, :]
             self._cache[key] = (entropy_bits(q, bits), float(err.mean()))
         return self._cache[key]
+
+    def _stats(self, bits: int, k: float) -> tuple[float, float]:
+        """(entropy bits/symbol, error) at k, interpolated in log k between grid points 1% apart (cached)."""
+        x = math.log(k) / _LOG_K_STEP
+        g = math.floor(x)
+        lo, hi = self._grid_stats(bits, g), self._grid_stats(bits, g + 1)
+        t = x - g
+        return lo[0] + t * (hi[0] - lo[0]), lo[1] + t * (hi[1] - lo[1])
 
     def nbytes(self, bits: int, k: float) -> float:
         """Estimated compressed bytes of codes plus fp16 row scales."""

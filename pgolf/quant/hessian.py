@@ -156,6 +156,22 @@ def collect_hessians(model: nn.Module, batches: Iterable[Any], targets: dict[str
     return share_identical(out) if dedupe else out
 
 
+def all_reduce_hessians(hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Average Hessians over ranks (each rank calibrated on its own batches); shared tensors reduced once."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return hessians
+    world = dist.get_world_size()
+    done: set[int] = set()
+    for h in hessians.values():
+        if id(h) not in done:
+            dist.all_reduce(h)
+            h /= world
+            done.add(id(h))
+    return hessians
+
+
 def share_identical(hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Make equal matrices one object (callers key work on identity)."""
     kept: list[torch.Tensor] = []

@@ -104,6 +104,8 @@ class ParallelMuon:
         for i, (g, buf) in enumerate(zip(self.grads, self.bufs)):
             self._wait_scatter(i)
             (o,) = orthogonalize(self.plans[i], [g], [buf], momentum, self.cfg, grad_scale)
+            if self.updates[i].dtype != o.dtype:  # gather in whatever precision Newton-Schulz returned
+                self.updates[i] = torch.empty(self.updates[i].shape, device=self.device, dtype=o.dtype)
             mine = self.updates[i].narrow(0, self.rank * self.shard[i], self.shard[i])
             mine.copy_(o)
             self.gathering.append(dist.all_gather_into_tensor(self.updates[i], mine, group=self.group,

@@ -1,8 +1,9 @@
 """Small stand-ins for the evaluator tests: a causal LM with the pgolf model contract, byte tables, streams.
 
 TinyLM follows pgolf.model's interface: model(ids, targets, reduction="none") -> per-token NLL (B, T) float32,
-model(ids) -> logits, hidden(ids) and head_weight() for the LoRA path; config.doc_mask isolates documents. Like the real model it keeps its projections as
-raw parameters used through F.linear and its head tied to the embedding. It has no positional encoding, so a
+model(ids) -> logits, hidden(ids) and head_weight() for the LoRA path; config.doc_mask isolates documents.
+Like the real model it keeps its projections as raw parameters used through F.linear and its head tied to the
+embedding. It has no positional encoding, so a
 token's score depends only on the tokens of its context, not on where the window puts them: sliding, packed
 and full-context scores agree to rounding. `smear=True` adds a SmearGate (x_t += g * x_{t-1}); with
 `smear_bos_mask=False` it mixes the previous document into a BOS position: the planted cross-document leak.

@@ -1,4 +1,4 @@
-"""The softcapped cross-entropy's Triton row kernel and chunked head (interpreter on CPU) against the eager reference."""
+"""The softcapped cross-entropy row kernel and chunked head (interpreter on CPU) against the eager reference."""
 import math
 
 import pytest

@@ -91,6 +91,21 @@ def test_only_weight_grads():
     assert rel(w_up.grad, ref_w[0].grad) < 1e-5 and rel(w_down.grad, ref_w[1].grad) < 1e-5
 
 
+def test_failed_tma_descriptor_falls_back_to_the_pointer_kernel(monkeypatch):
+    class Refusing:
+        @staticmethod
+        def from_tensor(*_):
+            raise RuntimeError("Triton Error [CUDA]: Failed to create tensor map descriptor: invalid device context")
+
+    monkeypatch.setattr(mlp, "TensorDescriptor", Refusing)
+    monkeypatch.setattr(mlp, "say_once", lambda *args: None)
+    x = torch.randn(40, 32).half()
+    w_up, _ = (w.detach() for w in weights(32, 48, torch.float16))
+    assert _tma_ready(x, w_up, torch.empty(40, 48, dtype=torch.float16))
+    pre = x.double() @ w_up.double().t()
+    assert rel(up_act(x, w_up, 0.5), torch.where(pre > 0, pre, 0.5 * pre) ** 2) < 3e-3
+
+
 def test_bad_shapes_name_the_file():
     with pytest.raises(ValueError, match="mlp.py"):
         fused_mlp(torch.randn(4, 24), torch.randn(44, 25), torch.randn(24, 44))

@@ -30,7 +30,9 @@ def make_params():
     return mats, bank, embed, scal
 
 
-@pytest.mark.parametrize("nesterov,eq_r,schedule", [(True, True, "polar_express"), (False, False, "classic"), (True, False, "polar_express"), (False, True, "classic"), (True,True,"classic"), (False,False,"polar_express")])
+@pytest.mark.parametrize("nesterov,eq_r,schedule", [
+    (True, True, "polar_express"), (False, False, "classic"), (True, False, "polar_express"),
+    (False, True, "classic"), (True, True, "classic"), (False, False, "polar_express")])
 def test_muon_matches_hand_written(nesterov, eq_r, schedule):
     mats, bank, embed, scal = make_params()
     cfg = OptimConfig(nesterov=nesterov, muon_eq_r=eq_r, ns_schedule=schedule, grad_clip_norm=0.0,

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import pgolf.train.optim as optim
+from pgolf.kernels.newton_schulz import newton_schulz_reference
 from pgolf.train.optim import OptimConfig, build_optimizer
 
 WORLD = 2
@@ -29,6 +31,9 @@ def grads_for(params, step, rank):
 def worker(rank, port, cfg):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # fp32 Newton-Schulz on both sides: bf16 would turn last-bit differences of the summation order (the
+    # gradient norm summed over shards) into bf16 rounding flips, hiding what this test is about.
+    optim.newton_schulz = lambda u, steps, schedule: newton_schulz_reference(u, steps, schedule, dtype=torch.float32)
     try:
         par, ref = make_params(), make_params()
         opt = build_optimizer(par, cfg, process_group=dist.group.WORLD)
