@@ -154,8 +154,9 @@ def export_table(weights, hessians, budget: int = 16_000_000) -> list[dict]:
         seconds = time.perf_counter() - t0
         errs = [t["rel_error"] for t in rep["quant"]["tensors"].values()]
         bits = sorted({qt.bits for qt in qm.tensors.values()})
-        out.append({"export": label, "seconds": round(seconds, 2), "quant_seconds": round(rep["quant"]["seconds"]["total"], 3),
-                    "bytes": rep["model_bytes"], "mean_rel_error": sum(errs) / len(errs), "bits_used": bits})
+        out.append({"export": label, "seconds": round(seconds, 2),
+                    "quant_seconds": round(rep["quant"]["seconds"]["total"], 3), "bytes": rep["model_bytes"],
+                    "mean_rel_error": sum(errs) / len(errs), "bits_used": bits})
     return out
 
 

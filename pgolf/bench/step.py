@@ -137,12 +137,18 @@ def bench_one(looped: bool, mode: str, ceilings: dict) -> dict:
     return r
 
 
+CASES = {"plain:pgolf": (False, "auto"), "plain:compile": (False, "reference"), "looped:pgolf": (True, "auto"),
+         "looped:compile": (True, "reference")}
+
+
 def run(ceilings: dict) -> list[dict]:
+    """All four cases, or those named in PGOLF_STEP_CASES (comma list of CASES keys)."""
+    names = [n for n in os.environ.get("PGOLF_STEP_CASES", ",".join(CASES)).split(",") if n]
     rows = []
-    for looped in (False, True):
-        for mode in ("auto", "reference"):
-            r = bench_one(looped, mode, ceilings)
-            print(f"{r['bench']:18s} {r['impl']:8s} {r['median_ms']:8.2f} ms  {r['tokens_per_s']:>9,} tok/s  "
-                  f"MFU {r['mfu']:.3f}  peak {r['peak_mem_mb']} MB  {r['breakdown']}", flush=True)
-            rows.append(r)
+    for name in names:
+        looped, mode = CASES[name]
+        r = bench_one(looped, mode, ceilings)
+        print(f"{r['bench']:18s} {r['impl']:8s} {r['median_ms']:8.2f} ms  {r['tokens_per_s']:>9,} tok/s  "
+              f"MFU {r['mfu']:.3f}  peak {r['peak_mem_mb']} MB  {r['breakdown']}", flush=True)
+        rows.append(r)
     return rows

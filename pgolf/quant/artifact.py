@@ -574,27 +574,36 @@ def compressor_table(qm: QuantizedModel) -> dict[str, int]:
 
 def export_state_dict(state_dict: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor | None],
                       cfg: QuantConfig, meta: dict[str, Any] | None = None, path: str | os.PathLike | None = None,
-                      device: torch.device | str | None = None, retries: int = 2) -> tuple[QuantizedModel, dict]:
-    """Quantize, pack and (budget permitting) write. Budget-driven choices (adaptive clip, mixed bits) are
-    redone with a smaller symbol budget when the real artifact overshoots the estimate."""
+                      device: torch.device | str | None = None, retries: int = 3) -> tuple[QuantizedModel, dict]:
+    """Quantize, pack, account and (within budget, or with report_only) write.
+
+    Budget-driven choices (adaptive clip, mixed bits) get a byte budget for codes + row scales: the total budget
+    minus code bytes minus an estimate of everything else. The real artifact then corrects that estimate: the
+    quantization is redone with the symbol budget moved by the measured slack (up to `retries` times, stopping
+    within 0.2% under the budget), keeping the largest result that fits.
+    """
     from pgolf.quant.gptq import quantize_weights
 
     aliases = find_aliases(state_dict)
     weights = {n: state_dict[n] for n in select_weights(state_dict, cfg) if n not in aliases}
     budget = cfg.artifact_budget_bytes - cfg.code_bytes
-    lqer = cfg.lqer_top_k * cfg.lqer_rank * max((w.shape[0] + w.shape[1] for w in weights.values()), default=0)
-    other = sum(2 * t.numel() for n, t in state_dict.items() if n not in weights and n not in aliases) + lqer + 2048
-    symbol_budget = float(budget - other)
-    report: dict[str, Any] = {}
-    for attempt in range(retries + 1):
+    widest = max((w.shape[0] + w.shape[1] for w in weights.values()), default=0)
+    lqer = cfg.lqer_top_k * cfg.lqer_rank * widest * (max(cfg.lqer_a_bits, cfg.lqer_b_bits) / 8 + 2 / cfg.lqer_group)
+    other = sum(2 * t.numel() for n, t in state_dict.items() if n not in weights and n not in aliases)
+    symbol_budget = float(budget - other - lqer - 1024)
+    budget_driven = cfg.mixed_bits or cfg.clip_mode == "adaptive"
+    best = None
+    for _ in range(retries + 1 if budget_driven else 1):
         qtensors, qreport = quantize_weights(weights, hessians, cfg, symbol_budget=symbol_budget, device=device)
         qm = build_quantized_model(state_dict, qtensors, cfg, meta)
         blob, report = build_blob(qm, cfg.compressor)
-        over = len(blob) - budget
-        budget_driven = cfg.mixed_bits or cfg.clip_mode == "adaptive"
-        if over <= 0 or not budget_driven or attempt == retries:
+        slack = budget - len(blob)
+        if best is None or (slack >= 0 and (len(best[1]) > budget or len(blob) > len(best[1]))):
+            best = (qm, blob, report, qreport)
+        if 0 <= slack <= 0.002 * budget:
             break
-        symbol_budget -= over + 0.001 * budget
+        symbol_budget += slack - 0.0005 * budget
+    qm, blob, report, qreport = best
     report["quant"] = qreport
     report.update(check_budget(len(blob), cfg.code_bytes, cfg.artifact_budget_bytes, cfg.report_only))
     if path is not None:

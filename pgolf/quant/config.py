@@ -16,17 +16,24 @@ TENSOR_CLASSES = ("attn", "mlp", "embed")
 @dataclass
 class QuantConfig:
     # which tensors are quantized
-    quant_min_numel: int = field(default=65536, metadata={"help": "2D tensors with at least this many elements are quantized"})
-    embed_patterns: str = field(default="emb,wte,lm_head", metadata={"help": "comma list: name substrings of the embedding class"})
-    mlp_patterns: str = field(default="mlp,fc,ffn,w_up,w_down,up_proj,down_proj", metadata={"help": "comma list: name substrings of the MLP class"})
-    keep_fp32_patterns: str = field(default="", metadata={"help": "comma list: small float tensors kept fp32 (others fp16)"})
-    skip_patterns: str = field(default="", metadata={"help": "comma list: state_dict entries left out of the artifact (derivable buffers)"})
+    quant_min_numel: int = field(default=65536,
+                                 metadata={"help": "2D tensors with at least this many elements are quantized"})
+    embed_patterns: str = field(default="emb,wte,lm_head",
+                                metadata={"help": "comma list: name substrings of the embedding class"})
+    mlp_patterns: str = field(default="mlp,fc,ffn,w_up,w_down,up_proj,down_proj",
+                              metadata={"help": "comma list: name substrings of the MLP class"})
+    keep_fp32_patterns: str = field(default="",
+                                    metadata={"help": "comma list: small float tensors kept fp32 (others fp16)"})
+    skip_patterns: str = field(default="",
+                               metadata={"help": "comma list: state_dict entries left out of the artifact"})
     # bits
     attn_bits: int = field(default=6, metadata={"help": "bits of attention matrices (2..8)"})
     mlp_bits: int = field(default=6, metadata={"help": "bits of MLP matrices (2..8)"})
     embed_bits: int = field(default=7, metadata={"help": "bits of the embedding (2..8)"})
-    mixed_bits: bool = field(default=False, metadata={"help": "choose bits per tensor by error/size under the byte budget"})
-    bits_choices: str = field(default="4,5,6,7,8", metadata={"help": "comma list of widths the mixed allocation may use"})
+    mixed_bits: bool = field(default=False,
+                             metadata={"help": "choose bits per tensor by error/size under the byte budget"})
+    bits_choices: str = field(default="4,5,6,7,8",
+                              metadata={"help": "comma list of widths the mixed allocation may use"})
     # clipping (per-row scales)
     clip_mode: str = field(default="sdclip", metadata={"help": "sdclip | absmax | percentile | search | adaptive"})
     attn_clip_sigmas: float = field(default=13.0, metadata={"help": "SDClip k of attention matrices"})
@@ -48,18 +55,21 @@ class QuantConfig:
     calib_temperature: float = field(default=0.8, metadata={"help": "sampling temperature of self-generation"})
     # LQER
     lqer_rank: int = field(default=4, metadata={"help": "rank of the error correction (0: off)"})
-    lqer_top_k: int = field(default=3, metadata={"help": "tensors with the largest Hessian-weighted error that get LQER"})
+    lqer_top_k: int = field(default=3,
+                            metadata={"help": "tensors with the largest Hessian-weighted error that get LQER"})
     lqer_group: int = field(default=64, metadata={"help": "quantization group of the LQER factors"})
     lqer_a_bits: int = field(default=2, metadata={"help": "bits of the left factor A (rows x rank)"})
     lqer_b_bits: int = field(default=4, metadata={"help": "bits of the right factor B (rank x cols)"})
     # rotations
-    hadamard: bool = field(default=False, metadata={"help": "randomized Hadamard rotation of the input dimension before quantization"})
+    hadamard: bool = field(default=False,
+                           metadata={"help": "randomized Hadamard rotation of the input dimension before quantization"})
     hadamard_seed: int = field(default=1234, metadata={"help": "seed of the Hadamard sign vector"})
     awq: bool = field(default=False, metadata={"help": "AWQ-style per-input-channel scaling before quantization"})
     awq_alphas: str = field(default="0,0.25,0.5,0.75", metadata={"help": "AWQ exponents searched per tensor"})
     # QAT
     qat: bool = field(default=False, metadata={"help": "fake-quantize weights in the forward pass (straight-through)"})
-    qat_start_frac: float = field(default=0.85, metadata={"help": "fraction of training after which QAT is on (0: from the start)"})
+    qat_start_frac: float = field(default=0.85,
+                                  metadata={"help": "fraction of training after which QAT is on (0: from the start)"})
     # artifact
     compressor: str = field(default="best", metadata={"help": "best | zstd | lzma | brotli | rans"})
     artifact_budget_bytes: int = field(default=16_000_000, metadata={"help": "limit on model bytes + code bytes"})
@@ -71,7 +81,8 @@ class QuantConfig:
             if not 2 <= getattr(self, name) <= 8:
                 raise ValueError(f"QuantConfig.{name} must be in 2..8, not {getattr(self, name)}")
         if self.clip_mode not in ("sdclip", "absmax", "percentile", "search", "adaptive"):
-            raise ValueError(f"QuantConfig.clip_mode {self.clip_mode!r} is not sdclip|absmax|percentile|search|adaptive")
+            raise ValueError(f"QuantConfig.clip_mode {self.clip_mode!r} is not "
+                             "sdclip|absmax|percentile|search|adaptive")
         if self.calib_source not in ("train", "self", "none"):
             raise ValueError(f"QuantConfig.calib_source {self.calib_source!r} is not train|self|none")
         if self.compressor not in ("best", "zstd", "lzma", "brotli", "rans"):

@@ -40,7 +40,8 @@ def test_hooks_accumulate_every_pass_and_the_tied_head():
     hs = collect_hessians(model, batches)
     ref = _manual(model, batches)
     # the head is an nn.Linear tied to emb.weight: its input Hessian is stored under the embedding's name
-    assert set(hs) == {f"blocks.{i}.{m}.weight" for i in (0, 1) for m in ("q", "k", "mlp_up", "mlp_down")} | {"emb.weight"}
+    linears = {f"blocks.{i}.{m}.weight" for i in (0, 1) for m in ("q", "k", "mlp_up", "mlp_down")}
+    assert set(hs) == linears | {"emb.weight"}
     for name, h in ref.items():
         torch.testing.assert_close(hs[name], h, rtol=1e-5, atol=1e-6)
     assert hs["blocks.1.q.weight"] is hs["blocks.1.k.weight"]  # same input -> one shared tensor

@@ -12,7 +12,8 @@ def _problem(shapes, cols, dead=(3, 17), seed=0):
     gen = torch.Generator().manual_seed(seed)
     ws, hs = [], []
     for rows in shapes:
-        x = torch.randn(3 * cols, cols, generator=gen) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen))
+        mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen)
+        x = torch.randn(3 * cols, cols, generator=gen) @ mix
         x[:, list(dead)] = 0.0
         hs.append(x.T @ x / x.shape[0])
         ws.append(0.02 * torch.randn(rows, cols, generator=gen))
