@@ -147,7 +147,11 @@ def run(ceilings: dict) -> list[dict]:
     rows = []
     for name in names:
         looped, mode = CASES[name]
-        r = bench_one(looped, mode, ceilings)
+        try:
+            r = bench_one(looped, mode, ceilings)
+        except Exception as exc:  # one failing case must not lose the others' rows
+            print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+            continue
         print(f"{r['bench']:18s} {r['impl']:8s} {r['median_ms']:8.2f} ms  {r['tokens_per_s']:>9,} tok/s  "
               f"MFU {r['mfu']:.3f}  peak {r['peak_mem_mb']} MB  {r['breakdown']}", flush=True)
         rows.append(r)

@@ -86,6 +86,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
         if q.is_cuda and backend() == "unfused":
             return attention_unfused(q, k, v, cu_seqlens, max_seqlen, xsa)
         return fused_attention(q, k, v, cu_seqlens, xsa)
+    if q.is_cuda:  # PyTorch's own kernels (cuDNN SDPA / FlexAttention), not the per-document loop
+        return attention_unfused(q, k, v, cu_seqlens, max_seqlen, xsa)
     return attention_reference(q, k, v, cu_seqlens, max_seqlen, xsa)
 
 
