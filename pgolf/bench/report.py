@@ -6,7 +6,12 @@ from pathlib import Path
 
 from pgolf.bench.harness import RESULTS_DIR
 
-COLUMNS = ("bench", "shape", "impl", "median_ms", "tflops", "gbps", "frac_ceiling", "peak_mem_mb", "speedup")
+COLUMNS = ("bench", "shape", "impl", "median_ms", "tflops", "gbps", "frac_ceiling", "peak_mem_mb", "speedup",
+           "tokens_per_s", "mfu")
+RUN_COLUMNS = ("preset", "train_seconds", "steps", "ms_per_step_loop_off", "ms_per_step_loop_on",
+               "tokens_per_s_loop_off", "peak_mem_mb", "val_bpb_prequant", "val_bpb", "total_bytes",
+               "launch_to_first_step_s", "command")
+RUNS_FILE = "runs"
 
 
 def _speedups(rows: list[dict]) -> None:
@@ -25,7 +30,7 @@ def render(directory: Path = RESULTS_DIR) -> str:
              "bf16 matmul (TFLOP/s) or copy (GB/s) ceiling.", ""]
     for path in sorted(directory.glob("*.json")):
         rows = json.loads(path.read_text())
-        if not rows:
+        if not rows or path.stem == RUNS_FILE:
             continue
         _speedups(rows)
         meta = rows[-1]
@@ -38,7 +43,24 @@ def render(directory: Path = RESULTS_DIR) -> str:
         for r in sorted(rows, key=lambda r: (r["bench"], str(r["shape"]), r["impl"] != "pgolf", r["impl"])):
             parts.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
         parts.append("")
+    runs = directory / f"{RUNS_FILE}.json"
+    if runs.is_file():
+        parts += _runs_table(json.loads(runs.read_text()))
     return "\n".join(parts)
+
+
+def _runs_table(rows: list[dict]) -> list[str]:
+    """Training runs (runs.json): one row per run, the command that produced it last."""
+    parts = ["## Training runs", "", "Each row: a `pgolf run` on the shared corpus; see `command` for its settings, "
+             "and the notes columns for what each val_bpb was measured on.", ""]
+    parts.append("| " + " | ".join(RUN_COLUMNS) + " | device, date, commit |")
+    parts.append("|" + "---|" * (len(RUN_COLUMNS) + 1))
+    for r in rows:
+        cells = ["" if r.get(c) is None else str(r[c]) for c in RUN_COLUMNS]
+        parts.append("| " + " | ".join(cells) + f" | {r.get('device')}, {r.get('date')}, {r.get('commit')} |")
+    notes = [f"- {r['preset']} ({r['train_seconds']} s): " + "; ".join(f"{k}: {r[k]}" for k in
+             ("prequant_eval", "postquant_eval") if r.get(k)) for r in rows]
+    return parts + [""] + notes + [""]
 
 
 def write_report(directory: Path = RESULTS_DIR) -> Path:

@@ -38,6 +38,9 @@ class Attention(nn.Module):
         self.w_k = nn.Parameter(torch.empty(kv_dim, dim))
         self.w_v = nn.Parameter(torch.empty(kv_dim, dim))
         self.w_o = nn.Parameter(torch.empty(dim, dim))
+        self.tap_qkv = nn.Identity()
+        """Hook points for quantization calibration: the inputs of w_q/w_k/w_v and of w_o."""
+        self.tap_o = nn.Identity()
         self.q_gain = nn.Parameter(torch.empty(self.num_heads)) if cfg.qk_gain_init > 0 else None
         gate_in = {"sparse": cfg.gate_window, "dense": dim}.get(self.gate)
         self.gate_w = nn.Parameter(torch.empty(self.num_heads, gate_in)) if gate_in else None
@@ -67,6 +70,7 @@ class Attention(nn.Module):
         """x (B, T, dim) -> (output (B, T, dim), this block's values before the residual mix (B, T, kv_dim))."""
         b, t, dim = x.shape
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x = self.tap_qkv(x)
         q = F.linear(x, self.w_q.to(x.dtype)).view(b, t, h, d)
         k = F.linear(x, self.w_k.to(x.dtype)).view(b, t, hk, d)
         v = F.linear(x, self.w_v.to(x.dtype))
@@ -87,4 +91,4 @@ class Attention(nn.Module):
         if self.gate_w is not None:
             src = x[..., : self.gate_window] if self.gate == "sparse" else x
             y = y * torch.sigmoid(F.linear(src, self.gate_w.to(x.dtype)))[..., None]
-        return F.linear(y.reshape(b, t, dim), self.w_o.to(y.dtype)), v_own
+        return F.linear(self.tap_o(y.reshape(b, t, dim)), self.w_o.to(y.dtype)), v_own

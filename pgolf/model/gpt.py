@@ -131,6 +131,8 @@ class GPT(nn.Module):
         self.lane_resid = nn.Parameter(torch.empty(len(lane_layers), 2)) if lane_layers else None
         self.lane_post = nn.Parameter(torch.empty(len(lane_layers), 2, 2)) if lane_layers else None
         self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.model_dim))
+        self.tap_head = nn.Identity()
+        """Hook point for quantization calibration: the head's input (final normalized hidden states)."""
         self.set_recurrence(False)
         self.reset_parameters()
 
@@ -221,7 +223,19 @@ class GPT(nn.Module):
         if lane0 is not None:
             final = cfg.parallel_final_lane
             x = lane0 if final == "attn" else lane1 if final == "mlp" else 0.5 * (lane0 + lane1)
-        return rms_norm(x)
+        return self.tap_head(rms_norm(x))
+
+    def hessian_targets(self) -> dict[str, tuple[nn.Module, str]]:
+        """Weight name -> (tap module, "input"/"output") whose activations are that weight's GPTQ inputs."""
+        targets: dict[str, tuple[nn.Module, str]] = {}
+        for i, block in enumerate(self.blocks):
+            for w in ("w_q", "w_k", "w_v"):
+                targets[f"blocks.{i}.attn.{w}"] = (block.attn.tap_qkv, "input")
+            targets[f"blocks.{i}.attn.w_o"] = (block.attn.tap_o, "input")
+            targets[f"blocks.{i}.mlp.w_up"] = (block.mlp.tap_up, "input")
+            targets[f"blocks.{i}.mlp.w_down"] = (block.mlp.tap_down, "input")
+        targets["lm_head" if self.lm_head is not None else "tok_emb.weight"] = (self.tap_head, "output")
+        return targets
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:

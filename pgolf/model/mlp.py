@@ -6,7 +6,9 @@ import math
 import torch
 from torch import nn
 
-from pgolf.kernels.mlp import fused_mlp
+import torch.nn.functional as F
+
+from pgolf.kernels.mlp import fused_mlp, leaky_relu_square
 
 
 class MLP(nn.Module):
@@ -15,6 +17,9 @@ class MLP(nn.Module):
         self.negative_slope = negative_slope
         self.w_up = nn.Parameter(torch.empty(hidden, dim))
         self.w_down = nn.Parameter(torch.empty(dim, hidden))
+        self.tap_up = nn.Identity()
+        """Hook points for quantization calibration: the inputs of w_up and of w_down."""
+        self.tap_down = nn.Identity()
 
     def reset_parameters(self, ortho: bool) -> None:
         """up: orthogonal (or nn.Linear's default); down: zero, so each block starts as the identity."""
@@ -22,7 +27,11 @@ class MLP(nn.Module):
         nn.init.zeros_(self.w_down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_mlp(x, self.w_up.to(x.dtype), self.w_down.to(x.dtype), self.negative_slope)
+        x = self.tap_up(x)
+        w_up, w_down = self.w_up.to(x.dtype), self.w_down.to(x.dtype)
+        if self.tap_down._forward_pre_hooks:  # calibrating: the fused kernel never shows the hidden activation
+            return F.linear(self.tap_down(leaky_relu_square(F.linear(x, w_up), self.negative_slope)), w_down)
+        return fused_mlp(x, w_up, w_down, self.negative_slope)
 
 
 def init_matrix(w: torch.Tensor, ortho: bool) -> None:

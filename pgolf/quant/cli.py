@@ -6,7 +6,6 @@ The checkpoint is a torch.save of {"model_config": dict, "model": state_dict}; `
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 from pathlib import Path
@@ -20,9 +19,6 @@ from pgolf.config import add_arguments as add_config_arguments
 from pgolf.config import resolve, to_dict
 from pgolf.quant.config import QuantConfig
 
-SHARD_HEADER_BYTES = 1024  # 256 int32 (CHALLENGE.md), then uint16 tokens
-
-
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(model_config, state_dict) of a checkpoint file."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -33,30 +29,27 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 
 def build_model(model_config: dict[str, Any]) -> nn.Module:
     """The model for a checkpoint's config (needed only to calibrate Hessians)."""
-    import pgolf.model as model_pkg
+    from pgolf.model import GPT
+    from pgolf.model.config import ModelConfig
 
-    if hasattr(model_pkg, "build_model"):
-        return model_pkg.build_model(model_config)
-    raise RuntimeError("pgolf quant: pgolf.model has no build_model(model_config); adapt "
-                       "pgolf/quant/cli.py:build_model to the model package")
+    return GPT(ModelConfig(**model_config))
 
 
 def shard_batches(pattern: str, batches: int, seq_len: int, batch_size: int = 1) -> Iterator[torch.Tensor]:
     """Consecutive (batch_size, seq_len) windows from contest token shards matching `pattern`."""
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"pgolf quant: no token shards match {pattern!r}")
+    from pgolf.data.shards import list_shards, read_shard
+
     need = batches * batch_size * seq_len
-    tokens = []
-    for f in files:
-        tokens.append(np.fromfile(f, dtype="<u2", offset=SHARD_HEADER_BYTES))
-        if sum(t.size for t in tokens) >= need:
+    tokens, have = [], 0
+    for path in list_shards(pattern):
+        tokens.append(read_shard(path)[: need - have])
+        have += len(tokens[-1])
+        if have >= need:
             break
-    flat = np.concatenate(tokens)[:need]
-    if flat.size < need:
-        raise ValueError(f"pgolf quant: shards hold {flat.size} tokens, calibration needs {need}")
-    data = torch.from_numpy(flat.astype(np.int64)).view(batches, batch_size, seq_len)
-    yield from data
+    if have < need:
+        raise ValueError(f"pgolf quant: shards {pattern!r} hold {have} tokens, calibration needs {need}")
+    flat = np.concatenate(tokens)
+    yield from torch.from_numpy(flat.astype(np.int64)).view(batches, batch_size, seq_len)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

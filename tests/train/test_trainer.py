@@ -209,7 +209,5 @@ def test_cli_precedence_preset_env_flags():
     assert cfgs["model"].model_dim == 64 and cfgs["train"].iterations == 7        # flags beat env and preset
     assert cfgs["train"].warmdown_frac == 0.5                                     # env beats preset (0.2)
     assert cfgs["optim"].ns_schedule == "classic"
-    flat = cli.preset_overrides({"num_layers": 4, "iterations": 3, "matrix_lr": 0.1}, cli._classes())
-    assert flat["model"] == {"num_layers": 4} and flat["train"] == {"iterations": 3}
-    with pytest.raises(ValueError, match="not a field"):
-        cli.preset_overrides({"no_such_field": 1}, cli._classes())
+    with pytest.raises(SystemExit, match="unknown preset"):
+        cli.build_configs(parser.parse_args(["--preset", "no-such-preset"]), env={})
