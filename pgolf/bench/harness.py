@@ -95,3 +95,18 @@ def write_results(suite: str, rows: list[dict[str, Any]], directory: Path | None
     merged = [r for r in old if key(r) not in new_keys] + rows
     path.write_text(json.dumps(merged, indent=1) + "\n")
     return path
+
+
+def standalone_main(suite: str, doc: str | None, run: Callable, table: Callable[[list], str]) -> None:
+    """`python -m pgolf.bench.<suite> [--out DIR]`: measure the ceilings, run the suite (rows also written to
+    DIR as they come, so a killed run keeps them), write bench/results/<suite>.json and print a table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or suite).splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help=f"also write {suite}.json here")
+    args = parser.parse_args()
+    ceilings = measure_ceilings()
+    print("ceilings", ceilings)
+    rows = run(ceilings, args.out)
+    write_results(suite, rows)
+    print(table(rows))

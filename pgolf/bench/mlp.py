@@ -6,13 +6,12 @@ Run on a GPU: `python -m pgolf.bench.mlp [--out DIR]` (rows go to bench/results/
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from pgolf.bench.harness import measure_ceilings, median_ms, peak_memory_mb, row, write_results
+from pgolf.bench.harness import median_ms, peak_memory_mb, row, standalone_main, write_results
 from pgolf.kernels.mlp import down_grad_act, fused_mlp, mlp_reference, up_act
 
 DIM, HIDDEN = 512, 2048
@@ -111,14 +110,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="also write mlp.json here")
-    args = parser.parse_args()
-    ceilings = measure_ceilings()
-    print("ceilings", ceilings)
-    rows = run(ceilings, args.out)
-    write_results("mlp", rows)
-    print(_table(rows))
+    standalone_main("mlp", __doc__, run, _table)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ Run on a GPU: `python -m pgolf.bench.softcap_ce [--out DIR]`.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 import pgolf.kernels.cross_entropy as ce
-from pgolf.bench.harness import measure_ceilings, median_ms, peak_memory_mb, row, write_results
+from pgolf.bench.harness import median_ms, peak_memory_mb, row, standalone_main, write_results
 
 DIM, VOCAB, CAP = 512, 8192, 30.0
 TOKENS = (98_304, 24_576)
@@ -128,14 +127,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="also write softcap_ce.json here")
-    args = parser.parse_args()
-    ceilings = measure_ceilings()
-    print("ceilings", ceilings)
-    rows = run(ceilings, args.out)
-    write_results("softcap_ce", rows)
-    print(_table(rows))
+    standalone_main("softcap_ce", __doc__, run, _table)
 
 
 if __name__ == "__main__":

@@ -124,8 +124,8 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _fwd_step(acc, m_i, l_i, q, k_ptr, v_ptr, n, rows, doc_start, T, qk_scale, s_kt, s_vt,
-                  D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr):
+    def _load_kv(k_ptr, v_ptr, n, T, s_kt, s_vt, D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr):
+        """Key and value tiles of columns n..n+BN (rows past T read as zero when MASK)."""
         cols = n + tl.arange(0, BN)
         dims = tl.arange(0, D)
         if MASK:
@@ -134,6 +134,12 @@ if triton_available():
         else:
             k = tl.load(k_ptr + cols[:, None] * s_kt + dims[None, :])
             v = tl.load(v_ptr + cols[:, None] * s_vt + dims[None, :])
+        return cols, k, v
+
+    @triton.jit
+    def _fwd_step(acc, m_i, l_i, q, k_ptr, v_ptr, n, rows, doc_start, T, qk_scale, s_kt, s_vt,
+                  D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr):
+        cols, k, v = _load_kv(k_ptr, v_ptr, n, T, s_kt, s_vt, D, BN, MASK)
         s = tl.dot(q, tl.trans(k))
         if MASK:
             valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])
@@ -204,14 +210,7 @@ if triton_available():
     @triton.jit
     def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, n, rows, doc_start, T, qk_scale, s_kt, s_vt,
                  D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr):
-        cols = n + tl.arange(0, BN)
-        dims = tl.arange(0, D)
-        if MASK:
-            k = tl.load(k_ptr + cols[:, None] * s_kt + dims[None, :], mask=(cols < T)[:, None], other=0.0)
-            v = tl.load(v_ptr + cols[:, None] * s_vt + dims[None, :], mask=(cols < T)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptr + cols[:, None] * s_kt + dims[None, :])
-            v = tl.load(v_ptr + cols[:, None] * s_vt + dims[None, :])
+        cols, k, v = _load_kv(k_ptr, v_ptr, n, T, s_kt, s_vt, D, BN, MASK)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         if MASK:
             valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_refs import BOS, assert_close, docs_batch, perturb, tiny_cfg
+from model_refs import assert_close, docs_batch, perturb, tiny_cfg
 from pgolf.kernels.attention import xsa_reference
 from pgolf.model import GPT, ModelConfig
 
