@@ -27,9 +27,11 @@ from pgolf.eval.config import EvalConfig
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="checkpoint (.pt: {'model_config', 'model'}) or quantized artifact")
     parser.add_argument("--val-files", default=None,
-                        help="glob of validation shards [default: data/datasets/fineweb10B_sp<V>/fineweb_val_*.bin]")
+                        help="glob of validation shards [default: the run's (config.json beside PATH), else "
+                             "data/datasets/fineweb10B_sp<V>/fineweb_val_*.bin]")
     parser.add_argument("--tokenizer-path", default=None,
-                        help="SentencePiece model for byte counts [default: data/tokenizers/fineweb_<V>_bpe.model]")
+                        help="SentencePiece model for byte counts [default: the run's, else "
+                             "data/tokenizers/fineweb_<V>_bpe.model]")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu [default: auto]")
     parser.add_argument("--out", default=None, help="write the result JSON here (rank 0)")
     add_config_arguments(parser, EvalConfig, "evaluation (EvalConfig)")
@@ -81,6 +83,13 @@ def build_model(model_config: dict[str, Any], state: dict[str, torch.Tensor], de
     return model
 
 
+def run_train_config(path: str | Path) -> dict:
+    """The train section of the run's config.json beside `path` (a run directory's final.pt or model.pgq), if any:
+    its val_files and tokenizer_path are the defaults for scoring that run."""
+    config = Path(path).parent / "config.json"
+    return json.loads(config.read_text()).get("train", {}) if config.is_file() else {}
+
+
 def main(args: argparse.Namespace) -> int:
     from pgolf.data.loader import load_validation_tokens
     from pgolf.data.tokenizer import load_tokenizer
@@ -96,8 +105,11 @@ def main(args: argparse.Namespace) -> int:
         model_config, state, kind = load_model_source(args.path)
         model = build_model(model_config, state, info.device)
         vocab = model.cfg.vocab_size
-        val_files = args.val_files or f"data/datasets/fineweb10B_sp{vocab}/fineweb_val_*.bin"
-        tokenizer_path = args.tokenizer_path or f"data/tokenizers/fineweb_{vocab}_bpe.model"
+        run_train = run_train_config(args.path)
+        val_files = (args.val_files or run_train.get("val_files")
+                     or f"data/datasets/fineweb10B_sp{vocab}/fineweb_val_*.bin")
+        tokenizer_path = (args.tokenizer_path or run_train.get("tokenizer_path")
+                          or f"data/tokenizers/fineweb_{vocab}_bpe.model")
         tables = build_byte_tables(load_tokenizer(tokenizer_path), vocab, device=info.device)
         tokens = load_validation_tokens(val_files, vocab)
     result = evaluate(model, tokens, tables, cfg, budget=budget)
