@@ -127,6 +127,12 @@ def quantize(model: torch.nn.Module, cfgs: dict[str, Any], out_dir: Path, code_b
         ids = generate_calibration(model, q.calib_seqs, q.calib_seq_len, q.calib_temperature, device=device)
         hessians = collect_hessians(model, ids.split(8))
     calib_s = time.perf_counter() - t0
+    reserve = cfgs["train"].reserve_seconds
+    if q.calib_source == "train" and calib_s > reserve:
+        print(f"pgolf run: warning: calibration on training data took {calib_s:.1f} s, more than the "
+              f"{reserve:.0f} s the trainer reserved inside its budget (train.reserve_seconds); the contest allows "
+              f"training data only inside the 600 s window, so raise the reserve or use quant.calib_source=self",
+              flush=True)
     meta = {"model_config": dataclasses.asdict(cfgs["model"])}
     _, report = export_state_dict(model.state_dict(), hessians, q, meta, out_dir / ARTIFACT_NAME, device)
     report["calibration_seconds"] = calib_s
