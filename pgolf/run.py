@@ -27,7 +27,7 @@ ARTIFACT_NAME = "model.pgq"
 # The bundled quick job: a small model with the record's switches, sized for a CPU in a few minutes.
 QUICK_MODEL = dict(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, seq_len=256,
                    loop_start=1, loop_end=2, loop_count=2, parallel_from_layer=3, max_docs_per_row=0)
-QUICK_TRAIN = dict(train_batch_tokens=4096, grad_accum_steps=1, max_wallclock_seconds=120.0, reserve_seconds=0.0,
+QUICK_TRAIN = dict(train_batch_tokens=4096, grad_accum_steps=1, max_wallclock_seconds=120.0, reserve_seconds=5.0,
                    warmup_steps=0, val_tokens=65_536, log_every=25, iterations=100_000, ema_decay=0.99)
 QUICK_OPTIM = dict(muon_momentum_warmup_steps=50)
 QUICK_QUANT = dict(quant_min_numel=4096, calib_batches=8, calib_seq_len=256, lqer_rank=2)

@@ -9,8 +9,8 @@ import pytest
 from pgolf.cli import main as cli_main
 from pgolf.pack.packer import ARTIFACT_LIMIT, PackError, minify, pack
 
-FAST = ["--set", "train.max_wallclock_seconds=3", "--set", "eval.max_tokens=4096", "--set", "train.val_tokens=4096",
-        "--set", "quant.calib_batches=2"]
+FAST = ["--set", "train.max_wallclock_seconds=3", "--set", "train.reserve_seconds=0", "--set", "eval.max_tokens=4096",
+        "--set", "train.val_tokens=4096", "--set", "quant.calib_batches=2"]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def test_packed_script_runs_from_its_own_folder(quick_run, tmp_path):
     assert submission["bytes_total"] == sizes.total_bytes == sizes.code_bytes + sizes.model_bytes
     assert sizes.code_bytes == (sub / "train_gpt.py").stat().st_size
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OUT_DIR=str(tmp_path / "rerun"), MAX_WALLCLOCK_SECONDS="2", MAX_TOKENS="2048", VAL_TOKENS="2048",
-               CALIB_BATCHES="2")
+    env.update(OUT_DIR=str(tmp_path / "rerun"), MAX_WALLCLOCK_SECONDS="2", RESERVE_SECONDS="0", MAX_TOKENS="2048",
+               VAL_TOKENS="2048", CALIB_BATCHES="2")
     proc = subprocess.run([sys.executable, "train_gpt.py"], cwd=sub, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
