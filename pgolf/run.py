@@ -101,31 +101,15 @@ def preset_base(name: str) -> dict[str, dict[str, Any]]:
     return {c: preset.overrides(c) for c in CONCERNS}
 
 
-def _calibration_batches(cfgs: dict[str, Any], device: torch.device):
-    from pgolf.data.loader import TokenLoader
-
-    q, t = cfgs["quant"], cfgs["train"]
-    loader = TokenLoader(t.train_files, 1, q.calib_seq_len, vocab_size=cfgs["model"].vocab_size, prefetch=1,
-                         device=device)
-    with loader:
-        return [loader.next_batch()[0] for _ in range(q.calib_batches)]
-
-
 def quantize(model: torch.nn.Module, cfgs: dict[str, Any], out_dir: Path, code_bytes: int) -> dict:
     """Hessians (training batches or self-generated text), GPTQ, compression; writes out_dir/model.pgq."""
     from pgolf.quant.artifact import export_state_dict
-    from pgolf.quant.hessian import collect_hessians, generate_calibration
+    from pgolf.quant.hessian import calibrate
 
     q = dataclasses.replace(cfgs["quant"], code_bytes=code_bytes)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    hessians: dict[str, torch.Tensor] = {}
-    model.eval()
-    if q.calib_source == "train":
-        hessians = collect_hessians(model, _calibration_batches(cfgs, device))
-    elif q.calib_source == "self":
-        ids = generate_calibration(model, q.calib_seqs, q.calib_seq_len, q.calib_temperature, device=device)
-        hessians = collect_hessians(model, ids.split(8))
+    hessians = calibrate(model, q, cfgs["train"].train_files, device)
     calib_s = time.perf_counter() - t0
     reserve = cfgs["train"].reserve_seconds
     if q.calib_source == "train" and calib_s > reserve:

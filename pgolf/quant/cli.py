@@ -9,9 +9,8 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,23 +34,6 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
     return GPT(ModelConfig(**model_config))
 
 
-def shard_batches(pattern: str, batches: int, seq_len: int, batch_size: int = 1) -> Iterator[torch.Tensor]:
-    """Consecutive (batch_size, seq_len) windows from contest token shards matching `pattern`."""
-    from pgolf.data.shards import list_shards, read_shard
-
-    need = batches * batch_size * seq_len
-    tokens, have = [], 0
-    for path in list_shards(pattern):
-        tokens.append(read_shard(path)[: need - have])
-        have += len(tokens[-1])
-        if have >= need:
-            break
-    if have < need:
-        raise ValueError(f"pgolf quant: shards {pattern!r} hold {have} tokens, calibration needs {need}")
-    flat = np.concatenate(tokens)
-    yield from torch.from_numpy(flat.astype(np.int64)).view(batches, batch_size, seq_len)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="torch.save of {'model_config': dict, 'model': state_dict}")
     parser.add_argument("--out", default=None, help="artifact path [default: CHECKPOINT with suffix .pgq]")
@@ -66,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from pgolf.quant.artifact import compressor_table, export_state_dict
-    from pgolf.quant.hessian import collect_hessians, generate_calibration
+    from pgolf.quant.hessian import calibrate
 
     cfg = resolve(QuantConfig, args)
     code_bytes = cfg.code_bytes + sum(Path(f).stat().st_size for f in args.code_file)
@@ -75,17 +57,11 @@ def main(args: argparse.Namespace) -> int:
     model_config, state_dict = load_checkpoint(args.checkpoint)
     hessians: dict[str, torch.Tensor] = {}
     if cfg.calib_source != "none":
+        if cfg.calib_source == "train" and not args.calib_data:
+            raise SystemExit("pgolf quant: --calib-source train needs --calib-data GLOB (or use self/none)")
         model = build_model(model_config)
         model.load_state_dict(state_dict)
-        model.to(device)
-        if cfg.calib_source == "self":
-            ids = generate_calibration(model, cfg.calib_seqs, cfg.calib_seq_len, cfg.calib_temperature, device=device)
-            batches = ids.split(8)
-        else:
-            if not args.calib_data:
-                raise SystemExit("pgolf quant: --calib-source train needs --calib-data GLOB (or use self/none)")
-            batches = (b.to(device) for b in shard_batches(args.calib_data, cfg.calib_batches, cfg.calib_seq_len))
-        hessians = collect_hessians(model, batches)
+        hessians = calibrate(model.to(device), cfg, args.calib_data, device)
     out = args.out or str(Path(args.checkpoint).with_suffix(".pgq"))
     meta = {"model_config": model_config, "quant_config": to_dict(cfg)}
     qm, report = export_state_dict(state_dict, hessians, cfg, meta, out, device)

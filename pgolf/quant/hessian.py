@@ -11,8 +11,9 @@ Calibration text comes from training batches (inside the training window) or fro
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -215,3 +216,38 @@ def generate_calibration(model: nn.Module, n_seqs: int = 64, seq_len: int = 2048
     finally:
         model.train(was_training)
     return torch.cat(out, dim=0)
+
+
+def shard_batches(pattern: str, batches: int, seq_len: int, batch_size: int = 1) -> Iterator[torch.Tensor]:
+    """Consecutive (batch_size, seq_len) windows from the start of the contest token shards matching `pattern`."""
+    from pgolf.data.shards import list_shards, read_shard
+
+    need = batches * batch_size * seq_len
+    tokens, have = [], 0
+    for path in list_shards(pattern):
+        tokens.append(read_shard(path)[: need - have])
+        have += len(tokens[-1])
+        if have >= need:
+            break
+    if have < need:
+        raise ValueError(f"calibration: shards {pattern!r} hold {have} tokens, calibration needs {need}")
+    flat = np.concatenate(tokens)
+    yield from torch.from_numpy(flat.astype(np.int64)).view(batches, batch_size, seq_len)
+
+
+def calibrate(model: nn.Module, cfg: Any, train_files: str | None = None,
+              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Hessians for `cfg.calib_source` (a QuantConfig): "train" reads `train_files` (a shard glob), "self" samples
+    the model's own text, "none" gives no Hessians (round to nearest)."""
+    device = device or next(model.parameters()).device
+    if cfg.calib_source == "none":
+        return {}
+    if cfg.calib_source == "self":
+        ids = generate_calibration(model, cfg.calib_seqs, cfg.calib_seq_len, cfg.calib_temperature, device=device)
+        return collect_hessians(model, ids.split(8))
+    if cfg.calib_source != "train":
+        raise ValueError(f"calib_source must be train, self or none, not {cfg.calib_source!r}")
+    if not train_files:
+        raise ValueError("calibration: calib_source 'train' needs the training shards (a glob)")
+    batches = (b.to(device) for b in shard_batches(train_files, cfg.calib_batches, cfg.calib_seq_len))
+    return collect_hessians(model, batches)
