@@ -129,15 +129,11 @@ def evaluate_artifact(cfgs: dict[str, Any], path: Path, device: torch.device) ->
     from pgolf.data.tokenizer import load_tokenizer
     from pgolf.eval.bpb import build_byte_tables
     from pgolf.eval.evaluate import evaluate
-    from pgolf.model import GPT
+    from pgolf.model import build_model
     from pgolf.quant.artifact import load_state_dict
 
     state, info = load_state_dict(path, device="cpu")
-    model = GPT(cfgs["model"])
-    model.load_state_dict(state)
-    model.to(device)
-    if cfgs["model"].looped:
-        model.set_recurrence(True)
+    model = build_model(cfgs["model"], state, device)
     t = cfgs["train"]
     tables = build_byte_tables(load_tokenizer(t.tokenizer_path), cfgs["model"].vocab_size, device=device)
     tokens = load_validation_tokens(t.val_files, cfgs["model"].vocab_size)

@@ -10,7 +10,6 @@ with recurrence on, as trained. The result (JSON) is printed by rank 0 and writt
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -67,22 +66,6 @@ def load_model_source(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
     return dict(model_config), state, "artifact"
 
 
-def build_model(model_config: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
-    from pgolf.model import GPT, ModelConfig
-
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(model_config) - known)
-    if unknown:
-        raise ValueError(f"pgolf eval: model_config has fields this pgolf does not know: {unknown}")
-    cfg = ModelConfig(**model_config)
-    model = GPT(cfg)
-    model.load_state_dict(state)
-    model.to(device)
-    if cfg.looped:
-        model.set_recurrence(True)
-    return model
-
-
 def run_train_config(path: str | Path) -> dict:
     """The train section of the run's config.json beside `path` (a run directory's final.pt or model.pgq), if any:
     its val_files and tokenizer_path are the defaults for scoring that run."""
@@ -91,6 +74,7 @@ def run_train_config(path: str | Path) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pgolf.model import build_model
     from pgolf.data.loader import load_validation_tokens
     from pgolf.data.tokenizer import load_tokenizer
     from pgolf.eval.bpb import build_byte_tables

@@ -1,7 +1,7 @@
 """`pgolf quant CHECKPOINT`: calibrate, GPTQ-quantize, compress and size-check a trained checkpoint.
 
-The checkpoint is a torch.save of {"model_config": dict, "model": state_dict}; `load_checkpoint` and
-`build_model` are the only places that know that format and the model package's constructor.
+The checkpoint is a torch.save of {"model_config": dict, "model": state_dict} (the trainer's final.pt);
+`load_checkpoint` is the only place here that knows that format.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from pgolf.config import add_arguments as add_config_arguments
 from pgolf.config import resolve, to_dict
@@ -24,14 +23,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path}: expected a torch.save of {{'model_config': dict, 'model': state_dict}}")
     return dict(ckpt.get("model_config") or {}), ckpt["model"]
-
-
-def build_model(model_config: dict[str, Any]) -> nn.Module:
-    """The model for a checkpoint's config (needed only to calibrate Hessians)."""
-    from pgolf.model import GPT
-    from pgolf.model.config import ModelConfig
-
-    return GPT(ModelConfig(**model_config))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from pgolf.quant.artifact import compressor_table, export_state_dict
+    from pgolf.model import build_model
     from pgolf.quant.hessian import calibrate
 
     cfg = resolve(QuantConfig, args)
@@ -59,9 +51,7 @@ def main(args: argparse.Namespace) -> int:
     if cfg.calib_source != "none":
         if cfg.calib_source == "train" and not args.calib_data:
             raise SystemExit("pgolf quant: --calib-source train needs --calib-data GLOB (or use self/none)")
-        model = build_model(model_config)
-        model.load_state_dict(state_dict)
-        hessians = calibrate(model.to(device), cfg, args.calib_data, device)
+        hessians = calibrate(build_model(model_config, state_dict, device), cfg, args.calib_data, device)
     out = args.out or str(Path(args.checkpoint).with_suffix(".pgq"))
     meta = {"model_config": model_config, "quant_config": to_dict(cfg)}
     qm, report = export_state_dict(state_dict, hessians, cfg, meta, out, device)
