@@ -7,7 +7,7 @@ from pathlib import Path
 from pgolf.bench.harness import RESULTS_DIR
 
 COLUMNS = ("bench", "shape", "impl", "median_ms", "tflops", "gbps", "frac_ceiling", "peak_mem_mb", "speedup",
-           "tokens_per_s", "mfu")
+           "tokens_per_s", "mfu", "val_bpb", "gap_bpb", "model_bytes")
 RUN_COLUMNS = ("preset", "train_seconds", "steps", "ms_per_step_loop_off", "ms_per_step_loop_on",
                "tokens_per_s_loop_off", "peak_mem_mb", "val_bpb_prequant", "val_bpb", "total_bytes",
                "launch_to_first_step_s", "command")

@@ -1,0 +1,31 @@
+"""The gap table quantizes one model under every option and scores each against the unquantized model."""
+import torch
+
+from pgolf.model import build_model
+from pgolf.quant.config import QuantConfig
+from pgolf.quant.gap import OPTIONS, gap_rows
+from pgolf.quant.hessian import collect_hessians
+
+CFG = dict(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=4, seq_len=16,
+           parallel_from_layer=-1, loop_count=1, max_docs_per_row=0)
+
+
+def test_gap_rows_cover_every_option_and_score_the_dequantized_weights():
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(4, 64, (4, 16))
+    ids[:, 0] = 1
+    hessians = collect_hessians(model, [ids])
+
+    def score(sd):  # the mean squared weight change against the trained model: 0 before quantization
+        return sum(float((sd[k].float() - state[k].float()).pow(2).mean()) for k in state if state[k].dim() == 2)
+
+    rows = gap_rows(CFG, state, hessians, QuantConfig(quant_min_numel=1024, calib_source="none"), score)
+    assert [r["option"] for r in rows] == ["unquantized", *OPTIONS]
+    assert rows[0]["gap_bpb"] == 0.0
+    for r in rows[1:]:
+        assert r["gap_bpb"] > 0 and r["model_bytes"] > 0
+        assert abs(r["gap_bpb"] - (r["val_bpb"] - rows[0]["val_bpb"])) < 1e-12
