@@ -22,14 +22,6 @@ LORA = dict(mode="lora_ttt", stride=4, lora_lr=0.05, lora_rank=2, lora_alpha=4, 
             phases=2, phase_prefix_docs=6, phase_lr=0.1, ttt_chunk_tokens=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def tokens() -> np.ndarray:
     return random_docs(9, 4, 30, seed=11)

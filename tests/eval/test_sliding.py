@@ -14,15 +14,6 @@ from pgolf.eval.evaluate import evaluate
 from pgolf.eval.sliding import Segments, TokenRecorder, doc_starts, layout, plan_chunks, plan_sliding, segments
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids oversubscription on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def full_nll(model, ids: np.ndarray) -> np.ndarray:
     """NLL of ids[1:] given everything before, in one forward."""
     x = torch.from_numpy(ids[None, :-1])

@@ -22,14 +22,6 @@ LORA = dict(mode="lora_ttt", stride=4, phases=0, lora_lr=0.03, lora_rank=4, lora
             lora_batch_docs=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def bpb(model, tokens, **kw) -> dict:
     return evaluate(model, tokens, tables(), EvalConfig(**kw))
 

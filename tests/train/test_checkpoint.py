@@ -9,7 +9,7 @@ import torch
 
 from pgolf.train import checkpoint as ckpt
 from pgolf.train.metrics import read_metrics
-from test_trainer import (data, losses, one_thread, run, tiny_model, tiny_optim,  # noqa: F401 (fixtures)
+from test_trainer import (data, losses, run, tiny_model, tiny_optim,  # noqa: F401 (fixtures)
                           tiny_train)
 
 

@@ -19,7 +19,7 @@ import torch
 from pgolf.train.checkpoint import load_checkpoint, load_final, read_meta
 from pgolf.train.distributed import DistInfo, init_distributed
 from pgolf.train.metrics import read_metrics
-from test_trainer import (data, losses, one_thread, run, tiny_model, tiny_optim,  # noqa: F401 (fixtures)
+from test_trainer import (data, losses, run, tiny_model, tiny_optim,  # noqa: F401 (fixtures)
                           tiny_train)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -76,15 +76,6 @@ def data(tmp_path_factory) -> dict:
     return make_data(tmp_path_factory.mktemp("shards"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a loaded 2-core machine two threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _independent_val(final: dict, data: dict, val_tokens: int) -> tuple[float, float, int]:
     """val_loss/val_bpb of final.pt's weights, computed here in one batch (no trainer code)."""
     from pgolf.data.loader import load_validation_tokens
