@@ -132,8 +132,6 @@ def bench_one(looped: bool, mode: str, ceilings: dict) -> dict:
     r = row(name, impl, shape, ms, flops=flops, ceilings=ceilings, tokens_per_s=round(TOKENS / ms * 1e3),
             mfu=round(flops / ms / 1e9 / ceilings["tflops"], 3), peak_mem_mb=round(peak), warmup_s=round(warm_s, 1),
             breakdown=parts)
-    del model, opt, compiled
-    torch.cuda.empty_cache()
     return r
 
 
@@ -152,6 +150,8 @@ def run(ceilings: dict) -> list[dict]:
         except Exception as exc:  # one failing case must not lose the others' rows
             print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
             continue
+        finally:
+            torch.cuda.empty_cache()  # the case's model and optimizer are gone with bench_one's frame
         print(f"{r['bench']:18s} {r['impl']:8s} {r['median_ms']:8.2f} ms  {r['tokens_per_s']:>9,} tok/s  "
               f"MFU {r['mfu']:.3f}  peak {r['peak_mem_mb']} MB  {r['breakdown']}", flush=True)
         rows.append(r)
