@@ -71,7 +71,9 @@ class QuantConfig:
     qat_start_frac: float = field(default=0.85,
                                   metadata={"help": "fraction of training after which QAT is on (0: from the start)"})
     # artifact
-    compressor: str = field(default="best", metadata={"help": "best | zstd | lzma | brotli | rans"})
+    compressor: str = field(default="rans", metadata={"help": "rans (ours: seconds, and what best chose on a trained "
+                                                             "model) | best (tries every layout and codec: "
+                                                             "minutes) | zstd | lzma | brotli"})
     artifact_budget_bytes: int = field(default=16_000_000, metadata={"help": "limit on model bytes + code bytes"})
     code_bytes: int = field(default=0, metadata={"help": "bytes of the submitted code, counted against the budget"})
     report_only: bool = field(default=False, metadata={"help": "report an over-budget artifact instead of refusing it"})

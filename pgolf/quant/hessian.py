@@ -238,16 +238,19 @@ def shard_batches(pattern: str, batches: int, seq_len: int, batch_size: int = 1)
 def calibrate(model: nn.Module, cfg: Any, train_files: str | None = None,
               device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Hessians for `cfg.calib_source` (a QuantConfig): "train" reads `train_files` (a shard glob), "self" samples
-    the model's own text, "none" gives no Hessians (round to nearest)."""
-    device = device or next(model.parameters()).device
+    the model's own text, "none" gives no Hessians (round to nearest). On CUDA the model runs under bf16 autocast,
+    as in training, so the Hessians see the activations the weights saw."""
+    device = torch.device(device or next(model.parameters()).device)
     if cfg.calib_source == "none":
         return {}
-    if cfg.calib_source == "self":
-        ids = generate_calibration(model, cfg.calib_seqs, cfg.calib_seq_len, cfg.calib_temperature, device=device)
-        return collect_hessians(model, ids.split(8))
-    if cfg.calib_source != "train":
+    if cfg.calib_source not in ("train", "self"):
         raise ValueError(f"calib_source must be train, self or none, not {cfg.calib_source!r}")
-    if not train_files:
+    if cfg.calib_source == "train" and not train_files:
         raise ValueError("calibration: calib_source 'train' needs the training shards (a glob)")
-    batches = (b.to(device) for b in shard_batches(train_files, cfg.calib_batches, cfg.calib_seq_len))
-    return collect_hessians(model, batches)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        if cfg.calib_source == "self":
+            ids = generate_calibration(model, cfg.calib_seqs, cfg.calib_seq_len, cfg.calib_temperature,
+                                       device=device)
+            return collect_hessians(model, ids.split(8))
+        batches = (b.to(device) for b in shard_batches(train_files, cfg.calib_batches, cfg.calib_seq_len))
+        return collect_hessians(model, batches)
