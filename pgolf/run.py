@@ -181,6 +181,7 @@ def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None =
     results = {
         "val_bpb": eval_result["val_bpb"], "val_loss": eval_result["val_loss"],
         "val_bpb_prequant": train_result.val_bpb, "val_loss_prequant": train_result.val_loss,
+        "prequant_eval": f"trainer: disjoint windows of seq_len, {t.val_tokens or 'all'} val tokens, exported weights",
         "eval": eval_result, "steps": train_result.step, "train_seconds": train_result.elapsed_s,
         "ms_per_step": ms[-1] if ms else None, "seed": t.seed, "artifact": ARTIFACT_NAME,
         "model_bytes": quant_report["model_bytes"], "code_bytes": quant_report["code_bytes"],
@@ -189,9 +190,12 @@ def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None =
     }
     if info.is_main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        gap = (results["val_bpb"] - results["val_bpb_prequant"]) if results["val_bpb_prequant"] else float("nan")
-        print(f"\nval_bpb {results['val_bpb']:.4f} ({cfgs['eval'].mode}, quantized artifact; "
-              f"before quantization {results['val_bpb_prequant'] or float('nan'):.4f}, gap {gap:+.4f})\n"
+        e, before = cfgs["eval"], results["val_bpb_prequant"]
+        same_measure = e.mode == "chunks" and e.max_tokens == 0 and t.val_tokens == 0 and before is not None
+        prior = (f"before quantization {before:.4f} on the same tokens, gap {results['val_bpb'] - before:+.4f}"
+                 if same_measure else f"before quantization {before or float('nan'):.4f} by the trainer's "
+                 f"disjoint windows over {'all' if not t.val_tokens else f'{t.val_tokens:,}'} val tokens")
+        print(f"\nval_bpb {results['val_bpb']:.4f} ({e.mode}, quantized artifact; {prior})\n"
               f"artifact {results['model_bytes']:,} model + {results['code_bytes']:,} code = "
               f"{results['total_bytes']:,} bytes (limit 16,000,000)\nrun directory: {out_dir}", flush=True)
     return results
