@@ -79,7 +79,7 @@ def breakdown(step) -> dict[str, float]:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    families = {"attention": ("attn", "flash", "fmha", "sdpa", "cudnn"), "mlp": ("mlp",),
+    families = {"attention": ("attn", "flash", "fmha", "sdpa", "cudnn", "_fwd_kernel", "_bwd_dq", "_bwd_dkdv"), "mlp": ("mlp",),
                 "cross_entropy": ("softcap", "cross_entropy", "_ce_"), "newton_schulz": ("ns_", "newton", "gram"),
                 "gemm": ("gemm", "sm90", "cutlass", "nvjet", "matmul", "mm_"),
                 "elementwise/fused": ("triton_", "elementwise", "vectorized", "reduce")}
