@@ -123,3 +123,24 @@ def test_custom_op_registration_and_compile_tracing():
     mlp_reference(*ref_in, 0.5).sum().backward()
     assert rel(out, mlp_reference(*(t.detach() for t in ref_in))) < 1e-5
     assert rel(x.grad, ref_in[0].grad) < 1e-5
+
+
+def test_auto_mode_leaves_small_calls_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setenv("PGOLF_KERNELS", "auto")
+    monkeypatch.setattr(mlp, "use_triton", lambda x: True)
+
+    def triton_stand_in(x, w_up, w_down, slope):
+        calls.append(x.shape)
+        return mlp.mlp_reference(x, w_up, w_down, slope)
+
+    monkeypatch.setattr(mlp, "_fused_mlp_triton", triton_stand_in)
+    w_up, w_down = torch.randn(16, 8), torch.randn(8, 16)
+    small = torch.randn(mlp.TRITON_MIN_TOKENS - 1, 8)
+    torch.testing.assert_close(mlp.fused_mlp(small, w_up, w_down), mlp.mlp_reference(small, w_up, w_down))
+    assert calls == []
+    mlp.fused_mlp(torch.randn(2, mlp.TRITON_MIN_TOKENS // 2, 8), w_up, w_down)
+    assert calls == [torch.Size([2, mlp.TRITON_MIN_TOKENS // 2, 8])]
+    monkeypatch.setenv("PGOLF_KERNELS", "triton")
+    mlp.fused_mlp(small, w_up, w_down)
+    assert len(calls) == 2
