@@ -161,7 +161,7 @@ def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None =
     out_dir = Path(out_dir)
     t = dataclasses.replace(cfgs["train"], out_dir=str(out_dir))
     cfgs = {**cfgs, "train": t}
-    trainer = Trainer(cfgs["model"], t, cfgs["optim"])
+    trainer = Trainer(cfgs["model"], t, cfgs["optim"], quant_cfg=cfgs["quant"])
     info = trainer.info
     train_result = trainer.run()
     quant_report = None

@@ -55,3 +55,18 @@ def qat_plan(model: nn.Module, cfg: QuantConfig) -> dict[str, tuple[int, float]]
 def qat_active(cfg: QuantConfig, progress: float) -> bool:
     """Whether QAT is on at `progress` (fraction of the training budget spent)."""
     return cfg.qat and progress >= cfg.qat_start_frac
+
+
+class QATForward(nn.Module):
+    """`model`'s forward with the planned weights fake-quantized (straight-through into the real parameters):
+    what the trainer runs once QAT is on. Works on any model, whatever way it uses its weights."""
+
+    def __init__(self, model: nn.Module, plan: dict[str, tuple[int, float]]):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+
+    def forward(self, *args, **kwargs):
+        params = dict(self.model.named_parameters())
+        swapped = {name: qat_weight(params[name], bits, k) for name, (bits, k) in self.plan.items()}
+        return torch.func.functional_call(self.model, swapped, args, kwargs)

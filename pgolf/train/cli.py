@@ -1,7 +1,7 @@
 """`pgolf train`: train a model as a plain process or under `torchrun --nproc_per_node=N`.
 
 Settings come from defaults < `--preset NAME` < environment (FIELD_NAME) < flags (--field-name), for the
-model (ModelConfig), the run (TrainConfig) and the optimizer (OptimConfig). Presets live in
+model (ModelConfig), the run (TrainConfig), the optimizer (OptimConfig) and QAT (QuantConfig). Presets live in
 pgolf/model/presets.py; `--list-presets` shows them.
 """
 from __future__ import annotations
@@ -16,13 +16,14 @@ from pgolf.train.config import TrainConfig
 
 def _classes() -> dict[str, type]:
     from pgolf.model import ModelConfig
+    from pgolf.quant.config import QuantConfig
     from pgolf.train.optim import OptimConfig
 
-    return {"model": ModelConfig, "train": TrainConfig, "optim": OptimConfig}
+    return {"model": ModelConfig, "train": TrainConfig, "optim": OptimConfig, "quant": QuantConfig}
 
 
 def build_configs(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The resolved ModelConfig, TrainConfig and OptimConfig for these arguments."""
+    """The resolved ModelConfig, TrainConfig, OptimConfig and QuantConfig for these arguments."""
     from pgolf.model.presets import get_preset
 
     classes = _classes()
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pconfig.add_arguments(parser, classes["model"], "model (ModelConfig)")
     pconfig.add_arguments(parser, classes["train"], "training run (TrainConfig)")
     pconfig.add_arguments(parser, classes["optim"], "optimizer (OptimConfig)")
+    pconfig.add_arguments(parser, classes["quant"], "quantization (QuantConfig: --qat and --qat-start-frac act in "
+                                                    "training; the rest matters to `pgolf run` and `pgolf quant`)")
 
 
 def _list_presets() -> int:
@@ -67,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
 
         print(get_preset(args.preset).summary(), flush=True)
     try:
-        Trainer(cfgs["model"], cfgs["train"], cfgs["optim"]).run()
+        Trainer(cfgs["model"], cfgs["train"], cfgs["optim"], quant_cfg=cfgs["quant"]).run()
     except TrainingDiverged as exc:
         print(exc, file=sys.stderr, flush=True)
         return 1

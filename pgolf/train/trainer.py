@@ -40,6 +40,7 @@ from pgolf.train import distributed as pdist
 from pgolf.train.averaging import WeightAverager
 from pgolf.train.config import TrainConfig, grad_accum_for, validate
 from pgolf.train.metrics import MetricsLogger, format_progress, write_config
+from pgolf.quant.qat import qat_active
 from pgolf.train.schedule import Clock, Schedule, recurrence_due
 
 
@@ -86,7 +87,7 @@ class Trainer:
     """Builds model, optimizer, loader and logs from the three configs; `run()` trains and exports."""
 
     def __init__(self, model_cfg: Any, train_cfg: TrainConfig, optim_cfg: Any,
-                 dist_info: pdist.DistInfo | None = None) -> None:
+                 dist_info: pdist.DistInfo | None = None, quant_cfg: Any = None) -> None:
         from pgolf.data.loader import TokenLoader
         from pgolf.model import GPT
         from pgolf.train.optim import build_optimizer
@@ -121,6 +122,9 @@ class Trainer:
         self.clock = self._new_clock(0.0)
         self.looped = bool(getattr(model_cfg, "looped", False))
         self.recurrence_active = False
+        self.quant_cfg = quant_cfg
+        """A QuantConfig whose `qat` switch turns fake quantization on at `qat_start_frac` of the run."""
+        self.qat_active = False
         self.step = 0
         self.elapsed = 0.0
         self._save_requested = False
@@ -128,7 +132,8 @@ class Trainer:
         self._phase_seconds = {False: 0.0, True: 0.0}
         self._use_compile = train_cfg.compile == "on" or (train_cfg.compile == "auto" and self.is_cuda)
         self._fullgraph = train_cfg.compile_fullgraph
-        self.forward = self._compile() if self._use_compile else self.model
+        self._forwards: dict[bool, Any] = {}
+        self.forward = self._forward_for(False)
         self.val_tokens: np.ndarray | None = None
         self.byte_tables = None
         if train_cfg.final_val or train_cfg.val_every > 0:
@@ -138,8 +143,22 @@ class Trainer:
     def _new_clock(self, elapsed: float) -> Clock:
         return Clock(elapsed, sync=torch.cuda.synchronize if self.is_cuda else None)
 
-    def _compile(self):
-        return torch.compile(self.model, fullgraph=self._fullgraph, dynamic=False)
+    def _forward_for(self, qat: bool):
+        """The (compiled) training forward without or with QAT, built once each: the warm-up compiles both, so
+        switching QAT on mid-run costs no compile."""
+        if qat not in self._forwards:
+            module = self.model
+            if qat:
+                from pgolf.quant.qat import QATForward, qat_plan
+
+                module = QATForward(self.model, qat_plan(self.model, self.quant_cfg))
+            self._forwards[qat] = (torch.compile(module, fullgraph=self._fullgraph, dynamic=False)
+                                   if self._use_compile else module)
+        return self._forwards[qat]
+
+    def _set_qat(self, active: bool) -> None:
+        self.qat_active = active
+        self.forward = self._forward_for(active)
 
     def _load_validation(self) -> None:
         """Validation tokens and byte tables, loaded up front so a missing file fails before training."""
@@ -176,7 +195,8 @@ class Trainer:
             say_once("trainer-fullgraph", f"pgolf.train: the model does not compile as one graph ({exc}); "
                                           f"compiling with graph breaks instead")
             self._fullgraph = False
-            self.forward = self._compile()
+            self._forwards.clear()
+            self.forward = self._forward_for(self.qat_active)
             return self.forward(x, y)
 
     def _train_step(self, step: int, lr_scale: float) -> torch.Tensor:
@@ -222,11 +242,15 @@ class Trainer:
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         loader_state = self.loader.state_dict()
         rng = copy.deepcopy(rng_state())
-        for loops in ([False, True] if self.looped else [False]):
-            if self.looped:
-                self._set_recurrence(loops)
-            for i in range(n):
-                self._train_step(i, 1.0)
+        qat_modes = [False, True] if self.quant_cfg is not None and self.quant_cfg.qat else [False]
+        for qat in qat_modes:
+            self._set_qat(qat)
+            for loops in ([False, True] if self.looped else [False]):
+                if self.looped:
+                    self._set_recurrence(loops)
+                for i in range(n):
+                    self._train_step(i, 1.0)
+        self._set_qat(False)
         if self.looped:
             self._set_recurrence(False)
         self.model.load_state_dict(model_state)
@@ -237,8 +261,9 @@ class Trainer:
         if self.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        self.metrics.log("event", event="warmup", step=0, steps=n * (2 if self.looped else 1), seconds=seconds)
-        self._say(f"warm-up: {n} steps{' (x2: without and with recurrence)' if self.looped else ''} in "
+        graphs = (2 if self.looped else 1) * len(qat_modes)
+        self.metrics.log("event", event="warmup", step=0, steps=n * graphs, seconds=seconds)
+        self._say(f"warm-up: {n} steps x {graphs} graph(s) (recurrence off/on, QAT off/on as configured) in "
                   f"{seconds:.1f} s, state restored")
 
     # ---- validation ----------------------------------------------------------------------------------------
@@ -295,7 +320,7 @@ class Trainer:
         if self.info.is_main:
             shared = {"step": self.step, "elapsed_s": self.elapsed, "model": self.model.state_dict(),
                       "optimizer": opt_state, "averager": self.averager.state_dict(),
-                      "recurrence_active": self.recurrence_active,
+                      "recurrence_active": self.recurrence_active, "qat_active": self.qat_active,
                       "model_config": dataclasses.asdict(self.model_cfg),
                       "train_config": dataclasses.asdict(self.cfg),
                       "optim_config": dataclasses.asdict(self.optim_cfg)}
@@ -319,6 +344,8 @@ class Trainer:
         self.step = int(shared["step"])
         self.elapsed = float(shared["elapsed_s"])
         self.clock = self._new_clock(self.elapsed)
+        if shared.get("qat_active"):
+            self._set_qat(True)
         if shared["recurrence_active"]:
             self._set_recurrence(True)
 
@@ -409,6 +436,10 @@ class Trainer:
                 self.metrics.log("event", event="recurrence_on", step=self.step, elapsed_s=self.elapsed,
                                  progress=progress)
                 self._say(f"step {self.step}: recurrence on at {progress:.1%} of the run")
+            if self.quant_cfg is not None and not self.qat_active and qat_active(self.quant_cfg, progress):
+                self._set_qat(True)
+                self.metrics.log("event", event="qat_on", step=self.step, elapsed_s=self.elapsed, progress=progress)
+                self._say(f"step {self.step}: quantization-aware training on at {progress:.1%} of the run")
             scale = self.schedule.lr_scale(progress)
             loss_t = self._train_step(self.step, scale)
             self.step += 1

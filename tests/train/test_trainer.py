@@ -202,3 +202,21 @@ def test_cli_precedence_preset_env_flags():
     assert cfgs["optim"].ns_schedule == "classic"
     with pytest.raises(SystemExit, match="unknown preset"):
         cli.build_configs(parser.parse_args(["--preset", "no-such-preset"]), env={})
+
+
+def test_qat_switches_on_at_its_fraction_and_trains_through_the_fake_quantizer(data, tmp_path):
+    from pgolf.quant.config import QuantConfig
+
+    plain = tmp_path / "plain"
+    run(data, plain)
+    qat_dir = tmp_path / "qat"
+    cfg = QuantConfig(qat=True, qat_start_frac=0.5, quant_min_numel=512)
+    Trainer(tiny_model(), tiny_train(data, qat_dir), tiny_optim(), quant_cfg=cfg).run()
+    events = [r for r in read_metrics(qat_dir) if r["kind"] == "event" and r.get("event") == "qat_on"]
+    assert [e["step"] for e in events] == [3]                     # progress 3/6 = 0.5
+    before, after = losses(plain), losses(qat_dir)
+    assert all(before[s] == after[s] for s in (1, 2, 3))          # identical until QAT is on
+    assert all(math.isfinite(after[s]) and after[s] != before[s] for s in (4, 5, 6))
+    warmed = tmp_path / "qat_warm"  # the warm-up also runs the QAT graph, then restores every state
+    Trainer(tiny_model(), tiny_train(data, warmed, warmup_steps=2), tiny_optim(), quant_cfg=cfg).run()
+    assert losses(warmed) == after
