@@ -46,13 +46,19 @@ def mlp_reference(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, neg
 TRITON_MIN_TOKENS = 65_536
 """Below this many tokens the Triton MLP measured slower than cuBLAS with the activation around it (H100,
 2026-11-24, fwd+bwd: 49,152 tokens 2.14 ms against 1.83 eager and 1.56 compiled; 16,384 tokens 1.55 against 0.90);
-at the record's 98,304 it is on par with torch.compile and 1.45x faster than eager. So `auto` leaves smaller calls
-to the reference; PGOLF_KERNELS=triton still forces the kernel."""
+at the record's 98,304 it is on par with torch.compile and 1.45x faster than eager."""
+
+TRITON_SLOPES = (0.0,)
+"""Activations `auto` hands to the kernel. ReLU^2 measured 2.20 ms fwd+bwd at 98,304 tokens against 2.51 compiled;
+LeakyReLU(0.5)^2 (the sign rides in act's last bit) measured 2.61 against 2.54 compiled (H100, 2026-11-25), so
+`auto` leaves it to the reference, which torch.compile fuses. PGOLF_KERNELS=triton still forces the kernel."""
 
 
 def fused_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, negative_slope: float = 0.5) -> torch.Tensor:
-    """The MLP the model calls: Triton on CUDA for calls of TRITON_MIN_TOKENS or more, the reference elsewhere."""
-    if use_triton(x) and (mode() == "triton" or x.numel() >= TRITON_MIN_TOKENS * x.shape[-1]):
+    """The MLP the model calls: Triton on CUDA where it measured faster (see TRITON_MIN_TOKENS and TRITON_SLOPES),
+    the reference elsewhere."""
+    if use_triton(x) and (mode() == "triton" or (x.numel() >= TRITON_MIN_TOKENS * x.shape[-1]
+                                                  and negative_slope in TRITON_SLOPES)):
         return _fused_mlp_triton(x, w_up, w_down, negative_slope)
     return mlp_reference(x, w_up, w_down, negative_slope)
 
