@@ -105,6 +105,7 @@ def bench_one(looped: bool, mode: str, ceilings: dict) -> dict:
     from pgolf.model.config import ModelConfig
     from pgolf.train.optim import OptimConfig, build_optimizer
 
+    torch._dynamo.reset()  # each case compiles its own model: earlier cases' graphs must not use up the recompile limit
     torch.manual_seed(0)
     with kernels_mode(mode):
         cfg = ModelConfig()
