@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from pgolf.provenance import git_commit
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
 
@@ -45,14 +45,6 @@ def measure_ceilings() -> dict[str, float]:
     dst = torch.empty_like(src)
     copy_ms = median_ms(lambda: dst.copy_(src))
     return {"tflops": 2 * n**3 / ms / 1e9, "gbps": 2 * src.numel() * 4 / copy_ms / 1e6}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], cwd=RESULTS_DIR.parents[1],
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return os.environ.get("PGOLF_COMMIT", "unknown")
 
 
 def environment() -> dict[str, str]:

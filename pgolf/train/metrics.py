@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from pgolf import config as pconfig
+from pgolf.provenance import git_commit
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -37,20 +37,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def write_config(out_dir: str | os.PathLike, run_info: dict[str, Any], **configs: Any) -> Path:
     """The resolved configs plus facts about the run (world size, versions, commit) as config.json."""
     path = Path(out_dir) / CONFIG_FILE
     data = {k: pconfig.to_dict(v) for k, v in configs.items()}
-    data["run"] = {"torch": torch.__version__, "python": platform.python_version(), "commit": _git_commit(),
+    data["run"] = {"torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **run_info}
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as fh:
