@@ -2,6 +2,10 @@
 
     pgolf eval runs/x/final.pt --mode sliding --stride 64
     torchrun --nproc_per_node=8 -m pgolf eval runs/x/model.pgq --mode lora_ttt --phases 3
+    pgolf eval runs/x/model.pgq --table chunks,sliding:64,sliding:32,ttt,lora_ttt --bench-results
+
+--table scores the same weights under each listed mode (`mode[:stride]`) and reports val_bpb and seconds per
+mode, with the time projected to 8 GPUs; --bench-results also merges those rows into bench/results/eval_modes.json.
 
 A checkpoint is a torch.save of {"model_config": dict, "model": state_dict}; anything else is read as an
 artifact through pgolf.quant.artifact (its metadata carries the model config). Looped models are evaluated
@@ -10,6 +14,7 @@ with recurrence on, as trained. The result (JSON) is printed by rank 0 and writt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -33,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "data/tokenizers/fineweb_<V>_bpe.model]")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu [default: auto]")
     parser.add_argument("--out", default=None, help="write the result JSON here (rank 0)")
+    parser.add_argument("--table", default=None,
+                        help="comma list of mode[:stride] (e.g. chunks,sliding:64,sliding:32,ttt,lora_ttt): score "
+                             "under each and report a table instead of one result")
+    parser.add_argument("--bench-results", action="store_true",
+                        help="with --table: merge its rows into bench/results/eval_modes.json")
     add_config_arguments(parser, EvalConfig, "evaluation (EvalConfig)")
 
 
@@ -66,6 +76,38 @@ def load_model_source(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
     return dict(model_config), state, "artifact"
 
 
+CONTEST_GPUS = 8
+
+
+def parse_table(spec: str, base: EvalConfig) -> list[tuple[str, EvalConfig]]:
+    """`chunks,sliding:64,ttt` -> [(label, config)], each config `base` with that mode (and stride)."""
+    modes = ("chunks", "sliding", "ttt", "lora_ttt")
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        mode, _, stride = item.partition(":")
+        if mode not in modes:
+            raise ValueError(f"pgolf eval --table: unknown mode {mode!r} in {spec!r}; choose from {modes}")
+        if stride and not stride.isdigit():
+            raise ValueError(f"pgolf eval --table: stride must be a positive integer, got {item!r}")
+        cfg = dataclasses.replace(base, mode=mode, stride=int(stride) if stride else base.stride)
+        out.append((item, cfg))
+    if not out:
+        raise ValueError("pgolf eval --table: no modes given")
+    return out
+
+
+def table_row(label: str, result: dict, world_size: int, source: str) -> dict:
+    """A bench/results row for one mode: its seconds on this many ranks and projected to the contest's 8 GPUs
+    (the scoring and TTT phases split across ranks, so linear scaling of the timed phases)."""
+    from pgolf.bench.harness import row
+
+    seconds = float(result["seconds_total"])
+    return row("eval_modes", "pgolf", f"{label} ({result['tokens']:,} targets, {Path(source).name})",
+               seconds * 1e3, val_bpb=round(result["val_bpb"], 5), val_loss=round(result["val_loss"], 5),
+               seconds=round(seconds, 2), ranks=world_size,
+               projected_8gpu_s=round(seconds * world_size / CONTEST_GPUS, 2), skipped=result["skipped"])
+
+
 def run_train_config(path: str | Path) -> dict:
     """The train section of the run's config.json beside `path` (a run directory's final.pt or model.pgq), if any:
     its val_files and tokenizer_path are the defaults for scoring that run."""
@@ -96,6 +138,22 @@ def main(args: argparse.Namespace) -> int:
                           or f"data/tokenizers/fineweb_{vocab}_bpe.model")
         tables = build_byte_tables(load_tokenizer(tokenizer_path), vocab, device=info.device)
         tokens = load_validation_tokens(val_files, vocab)
+    if args.table:
+        rows = []
+        for label, mode_cfg in parse_table(args.table, cfg):
+            result = evaluate(model, tokens, tables, mode_cfg)
+            rows.append(table_row(label, result, info.world_size, args.path))
+            if info.is_main:
+                print(f"{label:12s} val_bpb {result['val_bpb']:.5f}  {result['seconds_total']:8.1f} s  "
+                      f"(8 GPUs: {rows[-1]['projected_8gpu_s']:.1f} s)", flush=True)
+        if info.is_main:
+            if args.out:
+                Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+            if args.bench_results:
+                from pgolf.bench.harness import write_results
+
+                print(f"wrote {write_results('eval_modes', rows)}")
+        return 0
     result = evaluate(model, tokens, tables, cfg, budget=budget)
     result.update(source=str(args.path), kind=kind, world_size=info.world_size, config=to_dict(cfg))
     if info.is_main:

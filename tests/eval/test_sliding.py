@@ -201,3 +201,24 @@ def test_cli_evaluates_a_checkpoint_and_an_artifact(tmp_path):
         result = json.loads(out.read_text())
         assert result["kind"] == kind and result["tokens"] == len(tokens) - 1 and result["window"] == 32
         assert 0 < result["val_bpb"] < 20 and "load" in result["seconds"]
+        if kind == "checkpoint":
+            table_out = tmp_path / "table.json"
+            args = build_parser("eval").parse_args(["eval", str(path), *common, "--table", "chunks,sliding:8",
+                                                    "--out", str(table_out)])
+            assert cli.main(args) == 0
+            rows = json.loads(table_out.read_text())
+            assert [r["shape"].split(" ")[0] for r in rows] == ["chunks", "sliding:8"]
+            assert rows[1]["val_bpb"] == round(result["val_bpb"], 5)  # same mode and stride as the single run
+            assert all(r["bench"] == "eval_modes" and abs(r["projected_8gpu_s"] - r["seconds"] / 8) <= 0.01
+                       for r in rows)
+
+
+def test_eval_table_spec_names_bad_modes():
+    from pgolf.eval.cli import parse_table
+
+    labels = [(label, c.mode, c.stride) for label, c in parse_table("chunks, sliding:32,ttt", EvalConfig())]
+    assert labels == [("chunks", "chunks", 64), ("sliding:32", "sliding", 32), ("ttt", "ttt", 64)]
+    with pytest.raises(ValueError, match="unknown mode 'slide'"):
+        parse_table("slide:64", EvalConfig())
+    with pytest.raises(ValueError, match="positive integer"):
+        parse_table("sliding:x", EvalConfig())
