@@ -17,31 +17,18 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 
 import torch
 
 import pgolf
 from pgolf import BOS_ID
 from pgolf.bench.harness import peak_memory_mb, row
+from pgolf.kernels.dispatch import kernels_mode
 
 TOKENS = 98_304
 SEQ = 2048
 STEPS_WARM = 3
 STEPS_TIMED = 10
-
-
-@contextmanager
-def kernels_mode(mode: str):
-    old = os.environ.get("PGOLF_KERNELS")
-    os.environ["PGOLF_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PGOLF_KERNELS", None)
-        else:
-            os.environ["PGOLF_KERNELS"] = old
 
 
 def batch_with_documents(vocab: int, rows: int, seq: int, median_doc: float = 900.0, seed: int = 0):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -47,6 +49,21 @@ def mode() -> str:
     if value not in ("auto", "reference", "triton"):
         raise ValueError(f"PGOLF_KERNELS must be auto, reference or triton, not {value!r}")
     return value
+
+
+@contextmanager
+def kernels_mode(value: str) -> Iterator[None]:
+    """PGOLF_KERNELS=value inside the block (e.g. the eager reference for a side-by-side run), restored after."""
+    old = os.environ.get("PGOLF_KERNELS")
+    os.environ["PGOLF_KERNELS"] = value
+    try:
+        mode()
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PGOLF_KERNELS", None)
+        else:
+            os.environ["PGOLF_KERNELS"] = old
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

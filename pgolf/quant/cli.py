@@ -103,9 +103,11 @@ def _gap_table(args: argparse.Namespace, model_config: dict, state_dict: dict, h
     shape = (f"{model_config['num_layers']}L d{model_config['model_dim']} sp{vocab}, "
              f"{min(args.eval_tokens, len(tokens) - 1):,} val tokens")
     results = [row("quant_gap", r["option"], shape, 1000 * r["seconds"], val_bpb=round(r["val_bpb"], 5),
-                   gap_bpb=round(r["gap_bpb"], 5), model_bytes=r["model_bytes"]) for r in rows]
+                   gap_bpb=round(r["gap_bpb"], 5), model_bytes=r["model_bytes"],
+                   **({"same_ints": round(r["same_ints"], 6)} if "same_ints" in r else {})) for r in rows]
     print(f"{'option':36} {'val_bpb':>9} {'gap':>9} {'bytes':>12}")
     for r in rows:
-        print(f"{r['option']:36} {r['val_bpb']:9.5f} {r['gap_bpb']:+9.5f} {r['model_bytes'] or '':>12}")
+        same = f"  same ints {r['same_ints']:.4%}" if "same_ints" in r else ""
+        print(f"{r['option']:36} {r['val_bpb']:9.5f} {r['gap_bpb']:+9.5f} {r['model_bytes'] or '':>12}{same}")
     print(f"wrote {write_results('quant_gap', results)}")
     return 0

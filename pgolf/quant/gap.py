@@ -6,6 +6,7 @@ not compressors. `pgolf quant CKPT --gap-table` runs it and writes bench/results
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -21,7 +22,19 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "gptq adaptive clip + mixed 5/6/7": dict(clip_mode="adaptive", mixed_bits=True, bits_choices="5,6,7", lqer_rank=0),
     "gptq sdclip + hadamard": dict(hadamard=True, lqer_rank=0),
     "gptq sdclip + awq": dict(awq=True, lqer_rank=0),
+    "gptq sdclip, eager sweep": dict(lqer_rank=0, kernels="reference", same_ints_as="gptq sdclip"),
 }
+"""Option -> QuantConfig changes; `kernels` runs that option under PGOLF_KERNELS=<value> (the eager GPTQ sweep
+beside the Triton one) and `same_ints_as` reports the fraction of integers equal to that earlier option's."""
+
+
+def same_int_fraction(a: dict, b: dict) -> float:
+    """Fraction of quantized weights with equal integers in two {name: QTensor} sets of the same tensors."""
+    equal = total = 0
+    for name, qt in a.items():
+        equal += int((qt.q == b[name].q).sum())
+        total += qt.q.numel()
+    return equal / max(total, 1)
 
 
 def gap_rows(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
@@ -29,16 +42,24 @@ def gap_rows(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor], 
              options: dict[str, dict[str, Any]] | None = None,
              device: torch.device | str | None = None) -> list[dict[str, Any]]:
     """One row per option: val_bpb (by `score`, a state_dict -> val_bpb function), gap, model bytes, seconds."""
+    from pgolf.kernels.dispatch import kernels_mode
     from pgolf.quant.artifact import export_state_dict
 
     reference = score(state_dict)
     rows = [{"option": "unquantized", "val_bpb": reference, "gap_bpb": 0.0, "model_bytes": None, "seconds": 0.0}]
-    for name, changes in (options or OPTIONS).items():
+    done: dict[str, dict] = {}
+    for name, option in (options or OPTIONS).items():
+        changes = {k: v for k, v in option.items() if k not in ("kernels", "same_ints_as")}
         cfg = base.replace(**{**changes, "compressor": "rans", "report_only": True})
-        t0 = time.perf_counter()
-        qm, report = export_state_dict(state_dict, hessians, cfg, {"model_config": model_config}, None, device)
-        seconds = time.perf_counter() - t0
+        with kernels_mode(option.get("kernels", os.environ.get("PGOLF_KERNELS", "auto"))):
+            t0 = time.perf_counter()
+            qm, report = export_state_dict(state_dict, hessians, cfg, {"model_config": model_config}, None, device)
+            seconds = time.perf_counter() - t0
+        done[name] = qm.tensors
         bpb = score(qm.state_dict())
-        rows.append({"option": name, "val_bpb": bpb, "gap_bpb": bpb - reference, "model_bytes": report["model_bytes"],
-                     "seconds": seconds})
+        r = {"option": name, "val_bpb": bpb, "gap_bpb": bpb - reference, "model_bytes": report["model_bytes"],
+             "seconds": seconds}
+        if option.get("same_ints_as") in done:
+            r["same_ints"] = same_int_fraction(qm.tensors, done[option["same_ints_as"]])
+        rows.append(r)
     return rows

@@ -10,7 +10,7 @@ CFG = dict(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=
            parallel_from_layer=-1, loop_count=1, max_docs_per_row=0)
 
 
-def test_gap_rows_cover_every_option_and_score_the_dequantized_weights():
+def trained_stand_in():
     torch.manual_seed(0)
     model = build_model(CFG)
     for p in model.parameters():
@@ -18,7 +18,11 @@ def test_gap_rows_cover_every_option_and_score_the_dequantized_weights():
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ids = torch.randint(4, 64, (4, 16))
     ids[:, 0] = 1
-    hessians = collect_hessians(model, [ids])
+    return state, collect_hessians(model, [ids])
+
+
+def test_gap_rows_cover_every_option_and_score_the_dequantized_weights():
+    state, hessians = trained_stand_in()
 
     def score(sd):  # the mean squared weight change against the trained model: 0 before quantization
         return sum(float((sd[k].float() - state[k].float()).pow(2).mean()) for k in state if state[k].dim() == 2)
@@ -29,3 +33,13 @@ def test_gap_rows_cover_every_option_and_score_the_dequantized_weights():
     for r in rows[1:]:
         assert r["gap_bpb"] > 0 and r["model_bytes"] > 0
         assert abs(r["gap_bpb"] - (r["val_bpb"] - rows[0]["val_bpb"])) < 1e-12
+
+
+def test_triton_and_eager_sweeps_give_the_same_integers(monkeypatch):
+    monkeypatch.setenv("PGOLF_KERNELS", "triton")  # the Triton sweep (interpreted on CPU) beside the eager one
+    state, hessians = trained_stand_in()
+    options = {k: OPTIONS[k] for k in ("gptq sdclip", "gptq sdclip, eager sweep")}
+    score = lambda sd: sum(float(v.float().abs().sum()) for v in sd.values())  # noqa: E731
+    rows = gap_rows(CFG, state, hessians, QuantConfig(quant_min_numel=1024, calib_source="none"), score, options)
+    assert rows[2]["same_ints"] >= 0.999  # differences only from rounding ties
+    assert abs(rows[2]["val_bpb"] - rows[1]["val_bpb"]) <= 1e-3 * rows[1]["val_bpb"]
