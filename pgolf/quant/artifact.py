@@ -558,17 +558,41 @@ def load_state_dict(source: str | os.PathLike | bytes,
     return sd, info
 
 
+def _entropy_bits(keys: np.ndarray) -> float:
+    counts = np.unique(keys, return_counts=True)[1].astype(np.float64)
+    return float(-(counts * np.log2(counts / counts.sum())).sum())
+
+
+def code_entropy_bytes(qm: QuantizedModel) -> dict[str, int]:
+    """Empirical entropy of the quantized codes (bytes), the floor of any coder with static per-context tables:
+    with the rANS pipeline's row/column-group contexts, and with the previous code in the row added as context
+    (a test of whether neighbouring codes carry information the pipeline leaves unused)."""
+    floor = with_prev = 0.0
+    for qt in qm.tensors.values():
+        codes = _codes(qt).astype(np.int64)
+        (_, gc), rid, cid = _context_choice(codes.astype(np.uint8), qt.bits)
+        ctx = rid.astype(np.int64)[:, None] * gc + cid.astype(np.int64)[None, :]
+        prev = np.zeros_like(codes)
+        prev[:, 1:] = codes[:, :-1]
+        floor += _entropy_bits((ctx * 256 + codes).ravel()) - _entropy_bits(ctx.ravel())
+        joint = (ctx * 256 + prev) * 256 + codes
+        with_prev += _entropy_bits(joint.ravel()) - _entropy_bits((ctx * 256 + prev).ravel())
+    return {"codes_entropy_contexts": round(floor / 8), "codes_entropy_contexts_prev": round(with_prev / 8)}
+
+
 def compressor_table(qm: QuantizedModel) -> dict[str, int]:
     """Bytes of the same model under each single compressor alone, the rANS pipeline, and the best pipeline.
 
     A single-compressor row compresses the whole plain serialization (codes one byte each, metadata included)
-    in one piece, as a torch.save + lzma/brotli baseline would; "best" is build_blob's smallest choice.
+    in one piece, as a torch.save + lzma/brotli baseline would; "best" is build_blob's smallest choice; the
+    `codes_entropy_*` rows are the codes' entropy floors (see code_entropy_bytes), for scale.
     """
     best_blob, report = build_blob(qm, "best")
     out = {m: report["tried"][f"solid:{m}"] for m in ("zstd", "lzma", "brotli") if f"solid:{m}" in report["tried"]}
     out["rans"] = len(build_blob(qm, "rans")[0])
     out["best"] = len(best_blob)
     out["best_layout"] = report["layout"]
+    out.update(code_entropy_bytes(qm))
     return out
 
 
