@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
+
+import pgolf
 
 # name -> (module holding `add_arguments(parser)` and `main(args)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,6 +33,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    pgolf.LAUNCH_COMMAND = shlex.join(["pgolf", *argv])
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
     if args.command is None:

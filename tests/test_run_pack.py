@@ -36,6 +36,31 @@ def test_main_job_writes_a_scored_artifact(quick_run):
 
 
 @pytest.mark.slow
+def test_run_directory_becomes_a_runs_table_row(quick_run, tmp_path):
+    from pgolf.bench.report import render
+    from pgolf.bench.runs import add_run, run_row
+
+    results = json.loads((quick_run / "results.json").read_text())
+    row = run_row(quick_run, note="cpu smoke")
+    assert row["command"].startswith("pgolf ") and "run --out" in row["command"]
+    assert row["steps"] == results["steps"] and row["total_bytes"] == results["total_bytes"]
+    assert row["val_bpb"] == round(results["val_bpb"], 4) and row["device"] == "cpu"
+    assert row["launch_to_first_step_s"] > 0 and "4,095 val targets" in row["postquant_eval"]
+    path = add_run(quick_run, "cpu smoke", directory=tmp_path)
+    add_run(quick_run, "again", directory=tmp_path)  # the same run recorded twice keeps one row
+    assert [r["note"] for r in json.loads(path.read_text())] == ["again"]
+    table = render(tmp_path)
+    assert "cpu smoke" not in table and "again" in table and row["command"] in table
+
+
+def test_add_run_names_what_is_missing(tmp_path):
+    from pgolf.bench.runs import run_row
+
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        run_row(tmp_path)
+
+
+@pytest.mark.slow
 def test_packed_script_runs_from_its_own_folder(quick_run, tmp_path):
     sub = tmp_path / "submission"
     sizes = pack(quick_run, sub)

@@ -17,11 +17,20 @@ SUITES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suites", nargs="*", default=[], help=f"suites to run (default: all of {list(SUITES)})")
     parser.add_argument("--report", action="store_true", help="only re-render bench/results/README.md")
+    parser.add_argument("--add-run", metavar="RUN_DIR", default=None,
+                        help="record a finished `pgolf run` directory as a row of bench/results/runs.json, re-render")
+    parser.add_argument("--note", default=None, help="with --add-run: a remark stored with the row")
 
 
 def main(args: argparse.Namespace) -> int:
     from pgolf.bench.report import write_report
 
+    if args.add_run:
+        from pgolf.bench.runs import add_run
+
+        print(f"wrote {add_run(args.add_run, args.note)}")
+        print(f"wrote {write_report()}")
+        return 0
     if args.report:
         print(f"wrote {write_report()}")
         return 0

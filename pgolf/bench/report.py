@@ -5,13 +5,13 @@ import json
 from pathlib import Path
 
 from pgolf.bench.harness import RESULTS_DIR
+from pgolf.bench.runs import RUNS_FILE
 
 COLUMNS = ("bench", "shape", "impl", "median_ms", "tflops", "gbps", "frac_ceiling", "peak_mem_mb", "speedup",
            "tokens_per_s", "mfu", "val_bpb", "gap_bpb", "model_bytes")
 RUN_COLUMNS = ("preset", "train_seconds", "steps", "ms_per_step_loop_off", "ms_per_step_loop_on",
                "tokens_per_s_loop_off", "peak_mem_mb", "val_bpb_prequant", "val_bpb", "total_bytes",
                "launch_to_first_step_s", "command")
-RUNS_FILE = "runs"
 
 
 def _speedups(rows: list[dict]) -> None:
@@ -59,7 +59,7 @@ def _runs_table(rows: list[dict]) -> list[str]:
         cells = ["" if r.get(c) is None else str(r[c]) for c in RUN_COLUMNS]
         parts.append("| " + " | ".join(cells) + f" | {r.get('device')}, {r.get('date')}, {r.get('commit')} |")
     notes = [f"- {r['preset']} ({r['train_seconds']} s): " + "; ".join(f"{k}: {r[k]}" for k in
-             ("prequant_eval", "postquant_eval") if r.get(k)) for r in rows]
+             ("prequant_eval", "postquant_eval", "note") if r.get(k)) for r in rows]
     return parts + [""] + notes + [""]
 
 

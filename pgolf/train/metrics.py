@@ -13,6 +13,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,12 +39,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def launch_command() -> str:
+    """How this process was started: the `pgolf ...` line when the CLI started it, else its argv."""
+    import pgolf
+
+    return pgolf.LAUNCH_COMMAND or shlex.join(sys.argv)
+
+
 def write_config(out_dir: str | os.PathLike, run_info: dict[str, Any], **configs: Any) -> Path:
     """The resolved configs plus facts about the run (world size, versions, commit) as config.json."""
     path = Path(out_dir) / CONFIG_FILE
     data = {k: pconfig.to_dict(v) for k, v in configs.items()}
     data["run"] = {"torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **run_info}
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": launch_command(),
+                   "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **run_info}
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)

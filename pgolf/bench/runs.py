@@ -1,0 +1,91 @@
+"""Training runs as rows of bench/results/runs.json: `pgolf bench --add-run RUN_DIR` reads a `pgolf run` directory
+(config.json, metrics.jsonl, results.json) and records what the table needs, the command that produced it included.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pgolf.bench.harness import RESULTS_DIR
+
+RUNS_FILE = "runs"
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"pgolf bench --add-run: {path} is missing (not a finished `pgolf run` directory?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"pgolf bench --add-run: {path} is not valid JSON ({exc})") from exc
+
+
+def _events(path: Path) -> dict[str, dict]:
+    """The last metrics.jsonl record of each event name and of the 'final' kind."""
+    out: dict[str, dict] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        key = rec.get("event") if rec.get("kind") == "event" else rec.get("kind")
+        out[str(key)] = rec
+    return out
+
+
+def _eval_description(ev: dict) -> str:
+    mode = ev.get("mode", "?")
+    what = f"{mode} stride {ev['stride']}" if mode == "sliding" else mode
+    seconds = ev.get("seconds_total")
+    return (f"{what} on {ev.get('tokens', 0):,} val targets, artifact weights"
+            + (f" ({seconds:.1f} s)" if isinstance(seconds, (int, float)) else ""))
+
+
+def run_row(run_dir: str | Path, note: str | None = None) -> dict[str, Any]:
+    """One runs.json row from a finished `pgolf run` directory."""
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json")
+    results = _read_json(run_dir / "results.json")
+    events = _events(run_dir / "metrics.jsonl")
+    final, run = events.get("final", {}), config.get("run", {})
+    r1 = lambda x: None if x is None else round(float(x), 1)  # noqa: E731
+    row: dict[str, Any] = {
+        "preset": results.get("preset") or config.get("preset") or "custom",
+        "command": run.get("command"),
+        "train_seconds": r1(results.get("train_seconds")),
+        "steps": results.get("steps"),
+        "ms_per_step_loop_off": r1(final.get("ms_per_step_loop_off")),
+        "ms_per_step_loop_on": r1(final.get("ms_per_step_loop_on")),
+        "tokens_per_s_loop_off": None if final.get("tokens_per_s_loop_off") is None
+        else round(final["tokens_per_s_loop_off"]),
+        "tokens_per_s_loop_on": None if final.get("tokens_per_s_loop_on") is None
+        else round(final["tokens_per_s_loop_on"]),
+        "peak_mem_mb": None if final.get("peak_memory_mb") is None else round(final["peak_memory_mb"]),
+        "val_bpb_prequant": None if results.get("val_bpb_prequant") is None else round(results["val_bpb_prequant"], 4),
+        "prequant_eval": results.get("prequant_eval"),
+        "val_bpb": None if results.get("val_bpb") is None else round(results["val_bpb"], 4),
+        "postquant_eval": _eval_description(results["eval"]) if isinstance(results.get("eval"), dict) else None,
+        "model_bytes": results.get("model_bytes"), "code_bytes": results.get("code_bytes"),
+        "total_bytes": results.get("total_bytes"),
+        "launch_to_first_step_s": r1(events.get("timed_start", {}).get("since_launch_s")),
+        "warmup_s": r1(events.get("warmup", {}).get("seconds")),
+        "device": run.get("device_name") or run.get("device"), "torch": run.get("torch"),
+        "commit": (run.get("commit") or "unknown")[:12], "date": (run.get("started") or "")[:10],
+        "run_dir": run_dir.name,
+    }
+    if note:
+        row["note"] = note
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def add_run(run_dir: str | Path, note: str | None = None, directory: Path | None = None) -> Path:
+    """Append the run's row to runs.json (replacing an earlier row of the same command and date)."""
+    path = (directory or RESULTS_DIR) / f"{RUNS_FILE}.json"
+    new = run_row(run_dir, note)
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    same = lambda r: r.get("command") == new.get("command") and r.get("date") == new.get("date")  # noqa: E731
+    rows = [r for r in rows if not same(r)] + [new]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    return path
