@@ -152,6 +152,21 @@ if triton_available():
         return acc, m_new, l_i
 
     @triton.jit
+    def _query_tile(Q, T, s_qt, s_qh, GROUP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
+        """This program's query tile: HP heads of one KV group x BM rows stacked as HP * BM tile rows, later
+        (heavier) causal blocks first. Returns (m0, kv group, rows, heads, row mask, dims, q)."""
+        h0 = tl.program_id(0) * HP
+        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BM
+        r = tl.arange(0, HP * BM)
+        rows = m0 + r % BM
+        heads = h0 + r // BM
+        row_ok = rows < T
+        dims = tl.arange(0, D)
+        q = tl.load(Q + rows[:, None] * s_qt + heads[:, None] * s_qh + dims[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        return m0, h0 // GROUP, rows, heads, row_ok, dims, q
+
+    @triton.jit
     def _block_walk(T, m0, BOUNDS, BM: tl.constexpr, BN: tl.constexpr):
         """Key blocks of a query block: from the document start of its first row to its last row. Blocks
         [0, j_a) reach before some row's own document start, [j_b, n) cross the diagonal; [j_a, j_b) need no mask."""
@@ -168,16 +183,7 @@ if triton_available():
                     HQ: tl.constexpr, GROUP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, XSA: tl.constexpr):
         """One program: HP query heads of one KV group x BM rows, stacked as HP * BM tile rows."""
-        h0 = tl.program_id(0) * HP
-        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BM  # later (heavier) causal blocks first
-        g = h0 // GROUP
-        r = tl.arange(0, HP * BM)
-        rows = m0 + r % BM
-        heads = h0 + r // BM
-        row_ok = rows < T
-        dims = tl.arange(0, D)
-        q = tl.load(Q + rows[:, None] * s_qt + heads[:, None] * s_qh + dims[None, :], mask=row_ok[:, None],
-                    other=0.0)
+        m0, g, rows, heads, row_ok, dims, q = _query_tile(Q, T, s_qt, s_qh, GROUP, HP, D, BM)
         doc_start = tl.load(BOUNDS + rows, mask=row_ok, other=0)
         lo, j_a, j_b, n_blocks = _block_walk(T, m0, BOUNDS, BM, BN)
         k_ptr = K + g * s_kh
@@ -228,16 +234,7 @@ if triton_available():
         """Runs before the dk/dv kernel and hands it, for its own rows: delta = rowsum(dy * y), which equals
         do . o because the XSA projection is symmetric and idempotent, and with XSA do = dy - (dy . v̂) v̂.
         Then the forward's walk over keys, recomputing P from the saved log-sum-exp."""
-        h0 = tl.program_id(0) * HP
-        m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BM
-        g = h0 // GROUP
-        r = tl.arange(0, HP * BM)
-        rows = m0 + r % BM
-        heads = h0 + r // BM
-        row_ok = rows < T
-        dims = tl.arange(0, D)
-        q = tl.load(Q + rows[:, None] * s_qt + heads[:, None] * s_qh + dims[None, :], mask=row_ok[:, None],
-                    other=0.0)
+        m0, g, rows, heads, row_ok, dims, q = _query_tile(Q, T, s_qt, s_qh, GROUP, HP, D, BM)
         offs = rows[:, None] * (HQ * D) + heads[:, None] * D + dims[None, :]
         dy = tl.load(DY + offs, mask=row_ok[:, None], other=0.0)
         y = tl.load(Y + offs, mask=row_ok[:, None], other=0.0)
