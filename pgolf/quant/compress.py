@@ -48,19 +48,23 @@ def available_methods() -> list[str]:
     return out
 
 
+def _library(method: str):
+    """The installed module behind an optional method, or a clear error naming the package."""
+    module = {"zstd": zstandard, "brotli": brotli}[method]
+    if module is None:
+        raise CompressionError(f"{method}: the {'zstandard' if method == 'zstd' else 'brotli'} package is not installed")
+    return module
+
+
 def compress_bytes(data: bytes, method: str) -> bytes:
     if method == "none":
         return bytes(data)
     if method == "lzma":
         return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     if method == "zstd":
-        if zstandard is None:
-            raise CompressionError("zstd: the zstandard package is not installed")
-        return zstandard.ZstdCompressor(level=22).compress(data)
+        return _library("zstd").ZstdCompressor(level=22).compress(data)
     if method == "brotli":
-        if brotli is None:
-            raise CompressionError("brotli: the brotli package is not installed")
-        return brotli.compress(data, quality=11, lgwin=24)
+        return _library("brotli").compress(data, quality=11, lgwin=24)
     raise CompressionError(f"unknown compression method {method!r}")
 
 
@@ -71,13 +75,9 @@ def decompress_bytes(data: bytes, method: str) -> bytes:
         if method == "lzma":
             return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
         if method == "zstd":
-            if zstandard is None:
-                raise CompressionError("zstd: the zstandard package is not installed")
-            return zstandard.ZstdDecompressor().decompress(data)
+            return _library("zstd").ZstdDecompressor().decompress(data)
         if method == "brotli":
-            if brotli is None:
-                raise CompressionError("brotli: the brotli package is not installed")
-            return brotli.decompress(data)
+            return _library("brotli").decompress(data)
     except CompressionError:
         raise
     except Exception as exc:
