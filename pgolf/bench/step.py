@@ -2,8 +2,9 @@
 
 The model: 11L 512d 8H/4KV, MLP 4x, sp8192, seq 2048, 98,304 tokens per step (48 rows), XSA all layers, parallel
 lanes from layer 8, recurrence off (train_step) and on (train_step_looped: layers 3-5 x3, 17 virtual layers).
-Implementations: "pgolf" (Triton kernels, torch.compile around them) and "compile" (PGOLF_KERNELS=reference:
-eager reference kernels under torch.compile). Documents: BOS at realistic intervals (lengths drawn from a
+Implementations: "pgolf" (Triton kernels, torch.compile around them), "pgolf-blocks" (the same with regional
+compilation: each block compiled, the rest eager) and "compile" (PGOLF_KERNELS=reference: eager reference kernels
+under torch.compile). Documents: BOS at realistic intervals (lengths drawn from a
 log-normal with the shared corpus's median), so the attention is document-masked as in training.
 
 The `startup` row is the launch-to-first-timed-step time of the first case run in the process: imports, the ceiling
@@ -87,7 +88,7 @@ def breakdown(step) -> dict[str, float]:
     return {k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def bench_one(looped: bool, mode: str, ceilings: dict) -> dict:
+def bench_one(looped: bool, mode: str, ceilings: dict, scope: str = "model") -> dict:
     from pgolf.model import GPT
     from pgolf.model.config import ModelConfig
     from pgolf.train.optim import OptimConfig, build_optimizer
@@ -98,7 +99,11 @@ def bench_one(looped: bool, mode: str, ceilings: dict) -> dict:
         model = GPT(cfg).cuda()
         model.set_recurrence(looped)
         opt = build_optimizer(model.param_groups(), OptimConfig())
-        compiled = torch.compile(model, dynamic=False)
+        if scope == "blocks":
+            model.compile_blocks()
+            compiled = model
+        else:
+            compiled = torch.compile(model, dynamic=False)
         x, y = batch_with_documents(cfg.vocab_size, TOKENS // SEQ, SEQ)
 
         def step():
@@ -120,7 +125,7 @@ def bench_one(looped: bool, mode: str, ceilings: dict) -> dict:
         parts = breakdown(step)
         flops = flops_per_token(model, cfg) * TOKENS
     name = "train_step_looped" if looped else "train_step"
-    impl = "pgolf" if mode == "auto" else "compile"
+    impl = ("pgolf" if mode == "auto" else "compile") + ("-blocks" if scope == "blocks" else "")
     shape = f"11L512d sp8192 {TOKENS}tok virt{model.virtual_layers()}"
     r = row(name, impl, shape, ms, flops=flops, ceilings=ceilings, tokens_per_s=round(TOKENS / ms * 1e3),
             mfu=round(flops / ms / 1e9 / ceilings["tflops"], 3), peak_mem_mb=round(peak), warmup_s=round(warm_s, 1),
@@ -128,8 +133,10 @@ def bench_one(looped: bool, mode: str, ceilings: dict) -> dict:
     return r
 
 
-CASES = {"plain:pgolf": (False, "auto"), "looped:pgolf": (True, "auto"), "plain:compile": (False, "reference"),
-         "looped:compile": (True, "reference")}
+CASES = {"plain:pgolf": (False, "auto", "model"), "looped:pgolf": (True, "auto", "model"),
+         "plain:pgolf-blocks": (False, "auto", "blocks"), "plain:compile": (False, "reference", "model"),
+         "looped:compile": (True, "reference", "model")}
+"""name -> (recurrence on, PGOLF_KERNELS, compile scope: whole model or regional, see GPT.compile_blocks)."""
 RECOMPILE_LIMIT = 64
 """Each case compiles a fresh model through the same code objects. Under the default limit (8) the third case's
 blocks ran partly eager (looped step 257 ms against 174 ms measured alone, H100 2026-11-25); torch._dynamo.reset()
@@ -142,9 +149,9 @@ def run(ceilings: dict) -> list[dict]:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     rows = []
     for name in names:
-        looped, mode = CASES[name]
+        looped, mode, scope = CASES[name]
         try:
-            r = bench_one(looped, mode, ceilings)
+            r = bench_one(looped, mode, ceilings, scope)
         except Exception as exc:  # one failing case must not lose the others' rows
             print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
             continue

@@ -46,7 +46,10 @@ class Block(nn.Module):
         super().__init__()
         dim = cfg.model_dim
         self.layer = layer
-        self.ln = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.scales_input = cfg.ln_scale
+        # a buffer, not a Python float: compiled block by block, the blocks then share one graph instead of one per
+        # distinct constant
+        self.register_buffer("ln", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
         self.attn = Attention(cfg, xsa, value_embed, mixes_value_residual)
         self.mlp = MLP(dim, cfg.mlp_hidden, cfg.mlp_negative_slope)
         self.attn_scale = nn.Parameter(torch.empty(dim))
@@ -65,7 +68,7 @@ class Block(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         y = rms_norm(x)
-        return y * self.ln if self.ln != 1.0 else y
+        return (y.float() * self.ln).to(y.dtype) if self.scales_input else y
 
     def mix(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         if self.resid_mix is None:
@@ -251,6 +254,19 @@ class GPT(nn.Module):
         loss = softcap_cross_entropy(h.reshape(-1, h.size(-1)), w, targets.reshape(-1), self.cfg.logit_softcap,
                                      reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
+
+    def compile_blocks(self, fullgraph: bool = True, backend: str = "inductor") -> None:
+        """Regional compilation: torch.compile each block's forward (and two-lane forward) instead of the whole
+        model. Dynamo compiles Block.forward once per distinct set of switches (XSA, value embedding, first
+        layer, ...) and reuses the graph across the blocks that share them, so the compile takes a fraction of
+        a whole-model compile; the embedding, skips and head run eager between the blocks."""
+        limit = 8 * len(self.blocks)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        for block in self.blocks:
+            for name in ("forward", "forward_lanes"):
+                block.__dict__.pop(name, None)  # compiling again (e.g. without fullgraph) starts from the method
+                setattr(block, name, torch.compile(getattr(block, name), fullgraph=fullgraph, dynamic=False,
+                                                   backend=backend))
 
     # ---------------------------------------------------------------- bookkeeping
     @staticmethod

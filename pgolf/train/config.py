@@ -65,6 +65,9 @@ class TrainConfig:
     out_dir: str = field(default="runs/train", metadata=_h(
         "run directory: metrics.jsonl, config.json, checkpoint/, final.pt"))
     compile: str = field(default="auto", metadata=_h("torch.compile the model: auto (on CUDA), on, off"))
+    compile_scope: str = field(default="model", metadata=_h(
+        "what torch.compile covers: 'model' (one whole-model graph, most fusion) or 'blocks' (regional: the block "
+        "is compiled once and reused across layers, a fraction of the compile time; the rest runs eager)"))
     compile_fullgraph: bool = field(default=True, metadata=_h(
         "compile with fullgraph=True (falls back to graph breaks with a warning when that fails)"))
     resume: str = field(default="", metadata=_h(
@@ -96,6 +99,8 @@ def validate(cfg: TrainConfig) -> None:
     """Reject settings that would fail late or silently do something else."""
     if cfg.compile not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, not {cfg.compile!r}")
+    if cfg.compile_scope not in ("model", "blocks"):
+        raise ValueError(f"compile_scope must be model or blocks, not {cfg.compile_scope!r}")
     if cfg.sampler not in ("sequential", "coprime"):
         raise ValueError(f"sampler must be sequential or coprime, not {cfg.sampler!r}")
     if cfg.device not in ("auto", "cuda", "cpu"):

@@ -133,6 +133,7 @@ class Trainer:
         self._use_compile = train_cfg.compile == "on" or (train_cfg.compile == "auto" and self.is_cuda)
         self._fullgraph = train_cfg.compile_fullgraph
         self._forwards: dict[bool, Any] = {}
+        self._blocks_compiled = False
         self.forward = self._forward_for(False)
         self.val_tokens: np.ndarray | None = None
         self.byte_tables = None
@@ -152,8 +153,13 @@ class Trainer:
                 from pgolf.quant.qat import QATForward, qat_plan
 
                 module = QATForward(self.model, qat_plan(self.model, self.quant_cfg))
-            self._forwards[qat] = (torch.compile(module, fullgraph=self._fullgraph, dynamic=False)
-                                   if self._use_compile else module)
+            if self._use_compile and self.cfg.compile_scope == "blocks":
+                if not self._blocks_compiled:
+                    self.model.compile_blocks(self._fullgraph)
+                    self._blocks_compiled = True
+            elif self._use_compile:
+                module = torch.compile(module, fullgraph=self._fullgraph, dynamic=False)
+            self._forwards[qat] = module
         return self._forwards[qat]
 
     def _set_qat(self, active: bool) -> None:
@@ -196,6 +202,7 @@ class Trainer:
                                           f"compiling with graph breaks instead")
             self._fullgraph = False
             self._forwards.clear()
+            self._blocks_compiled = False
             self.forward = self._forward_for(self.qat_active)
             return self.forward(x, y)
 
@@ -370,7 +377,7 @@ class Trainer:
         self._say(f"world size {self.info.world_size} ({self.info.backend or 'single process'}) on "
                   f"{self.device.type}; {self.cfg.train_batch_tokens:,} tokens/step = {self.info.world_size} "
                   f"ranks x {self.accum} micro-steps x {self.rows_per_micro} rows x {self.seq_len}; "
-                  f"compile {'on' if self._use_compile else 'off'}")
+                  f"compile {self.cfg.compile_scope if self._use_compile else 'off'}")
         budget = self.schedule.budget_seconds
         self._say(f"budget: {f'{budget:.0f} s of training' if budget > 0 else 'no clock'}, at most "
                   f"{self.cfg.iterations} steps; warmdown {self.cfg.warmdown_frac:.2f} to floor "
