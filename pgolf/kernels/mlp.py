@@ -7,8 +7,9 @@ The Triton path (notes/mlp.md has the byte counts and timings):
   out = act @ w_down^T stays a cuBLAS matmul.
 - saved for backward: act alone, 2 bytes per hidden element. act'(pre) = 2*sqrt(act) where pre > 0 and
   -2*|slope|*sqrt(act) where not, so only sign(pre) is missing; with a LeakyReLU (slope != 0) and a gradient
-  wanted, the forward stores act rounded to the nearest value whose last mantissa bit is that sign (at most one unit
-  in the last place from act, unbiased). cuBLAS reads that tensor as act; the backward reads the sign back from it.
+  wanted, the forward stores whichever of the two representable values around act has that sign as its last
+  mantissa bit (at most one unit in the last place from act, unbiased); in bf16 that is a few integer operations on
+  the fp32 bit pattern. cuBLAS reads that tensor as act; the backward reads the sign back from it.
 - backward: one Triton matmul computes dout @ w_down and multiplies by act'(pre) in its epilogue (d_pre); the three
   weight/input gradient matmuls (dout^T act, d_pre^T x, d_pre w_up) are cuBLAS.
 - the Triton matmuls are persistent kernels loading through TMA descriptors where the tensors allow it (16-bit
@@ -111,17 +112,26 @@ if triton is not None:
 
     @triton.jit
     def _act_epilogue(acc, abs_slope, ENCODE_SIGN: tl.constexpr, OUT: tl.constexpr, BITS: tl.constexpr):
-        """act = leaky(acc)^2 in dtype OUT; with ENCODE_SIGN, the nearest OUT value whose last mantissa bit is
-        (acc > 0): the rounded value, or its neighbour towards the exact act when the bit is wrong."""
+        """act = leaky(acc)^2 in dtype OUT; with ENCODE_SIGN, of the two OUT values around the exact act (one of
+        them is the rounded value) the one whose last mantissa bit is (acc > 0)."""
         pos = acc > 0
         y = tl.where(pos, acc, acc * abs_slope)
         exact = y * y
-        act = exact.to(OUT)
         if ENCODE_SIGN:
-            bits = act.to(BITS, bitcast=True)
-            up = (exact > act.to(tl.float32)) | (bits == 0)
-            fixed = tl.where(up, bits + 1, bits - 1).to(BITS)
-            act = tl.where((bits & 1) != pos.to(BITS), fixed, bits).to(OUT, bitcast=True)
+            if OUT == tl.bfloat16:
+                # bf16 is the top half of fp32: exact's two bf16 neighbours are u (truncated) and u + 1; take the
+                # one whose last bit is the sign. Capped below inf (u + 1 of inf is a NaN); a NaN stays a NaN.
+                u = exact.to(tl.int32, bitcast=True) >> 16
+                u = tl.where(exact == exact, tl.minimum(u, 0x7F7E), u)
+                u = u + ((u ^ pos.to(tl.int32)) & 1)
+                act = u.to(tl.int16).to(OUT, bitcast=True)
+            else:  # fp16/fp32: round, then step to the neighbour towards exact where the last bit is wrong
+                bits = exact.to(OUT).to(BITS, bitcast=True)
+                up = (exact > bits.to(OUT, bitcast=True).to(tl.float32)) | (bits == 0)
+                fixed = tl.where(up, bits + 1, bits - 1).to(BITS)
+                act = tl.where((bits & 1) != pos.to(BITS), fixed, bits).to(OUT, bitcast=True)
+        else:
+            act = exact.to(OUT)
         return act
 
     @triton.jit

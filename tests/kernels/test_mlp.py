@@ -147,3 +147,34 @@ def test_auto_mode_picks_the_kernel_only_where_it_measured_faster(monkeypatch):
     monkeypatch.setenv("PGOLF_KERNELS", "triton")
     mlp.fused_mlp(small, w_up, w_down)
     assert len(calls) == 2
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # 3e19 squared is inf in fp32, as on the GPU
+def test_bf16_sign_encoding_epilogue():
+    """The bf16 epilogue (not reachable through a bf16 matmul in the interpreter) on chosen accumulator values:
+    the last bit is the sign, the value is one of the two bf16 neighbours of the exact act, inf and NaN survive."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def epilogue(ACC, OUT_PTR, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        acc = tl.load(ACC + offs, mask=offs < n, other=0.0)
+        act = mlp._act_epilogue(acc, 0.5, True, tl.bfloat16, tl.int16)
+        tl.store(OUT_PTR + offs, act, mask=offs < n)
+
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 1e-30, -1e-30, 3e19, -3e19, 1e-3, -7.5])
+    acc = torch.cat([special, torch.randn(200) * 3.0])
+    out = torch.empty(acc.numel(), dtype=torch.bfloat16)
+    epilogue[(1,)](acc, out, acc.numel(), BLOCK=256)
+    bits = out.view(torch.int16)
+    finite = torch.isfinite(out)
+    assert finite.all(), "an encoded act overflowed or became NaN"
+    assert torch.equal((bits & 1).bool(), acc > 0)
+    exact = torch.where(acc > 0, acc, 0.5 * acc).double() ** 2
+    low = exact.float().view(torch.int32) >> 16  # truncated bf16 neighbour
+    got = bits.to(torch.int32) & 0xFFFF
+    assert (((got == low) | (got == low + 1)) | (exact > 3.38e38)).all()
+    nan = torch.full((4,), float("nan"))
+    epilogue[(1,)](nan, out, 4, BLOCK=256)
+    assert torch.isnan(out[:4].float()).all()
