@@ -64,28 +64,35 @@ def time_steps(step, n: int) -> list[float]:
     return times
 
 
-def breakdown(step) -> dict[str, float]:
-    """Share of CUDA time by kernel family over 2 profiled steps."""
+def breakdown(step, steps: int = 2, top: int = 15, cuda: bool = True) -> tuple[dict[str, float], list[list]]:
+    """Share of CUDA time (CPU time with cuda=False) by kernel family over `steps` profiled steps, and the `top`
+    kernels by time as [name, ms per step, calls per step]: where the elementwise/fused share goes is the next
+    tuning question."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     families = {"attention": ("attn", "flash", "fmha", "sdpa", "cudnn", "_fwd_kernel", "_bwd_dq", "_bwd_dkdv"), "mlp": ("mlp",),
                 "cross_entropy": ("softcap", "cross_entropy", "_ce_"), "newton_schulz": ("ns_", "newton", "gram"),
                 "gemm": ("gemm", "sm90", "cutlass", "nvjet", "matmul", "mm_"),
                 "elementwise/fused": ("triton_", "elementwise", "vectorized", "reduce")}
     totals: dict[str, float] = {}
+    kernels: list[list] = []
     for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        t = (getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0) if cuda
+             else evt.self_cpu_time_total)
         if not t:
             continue
         name = evt.key.lower()
         family = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
         totals[family] = totals.get(family, 0.0) + t
+        kernels.append([evt.key[:80], round(t / steps / 1e3, 3), round(evt.count / steps, 1)])
     whole = sum(totals.values()) or 1.0
-    return {k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    shares = {k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    return shares, sorted(kernels, key=lambda k: -k[1])[:top]
 
 
 def bench_one(looped: bool, mode: str, ceilings: dict, scope: str = "model") -> dict:
@@ -122,14 +129,14 @@ def bench_one(looped: bool, mode: str, ceilings: dict, scope: str = "model") -> 
         times = sorted(time_steps(step, STEPS_TIMED))
         ms = times[len(times) // 2]
         peak = peak_memory_mb(step)
-        parts = breakdown(step)
+        parts, top_kernels = breakdown(step)
         flops = flops_per_token(model, cfg) * TOKENS
     name = "train_step_looped" if looped else "train_step"
     impl = ("pgolf" if mode == "auto" else "compile") + ("-blocks" if scope == "blocks" else "")
     shape = f"11L512d sp8192 {TOKENS}tok virt{model.virtual_layers()}"
     r = row(name, impl, shape, ms, flops=flops, ceilings=ceilings, tokens_per_s=round(TOKENS / ms * 1e3),
             mfu=round(flops / ms / 1e9 / ceilings["tflops"], 3), peak_mem_mb=round(peak), warmup_s=round(warm_s, 1),
-            breakdown=parts, since_launch_s=round(since_launch_s, 1))
+            breakdown=parts, top_kernels=top_kernels, since_launch_s=round(since_launch_s, 1))
     return r
 
 
