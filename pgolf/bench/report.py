@@ -36,8 +36,10 @@ def render(directory: Path = RESULTS_DIR) -> str:
         meta = rows[-1]
         parts += [f"## {path.stem}", "",
                   f"device {meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}, "
-                  f"commit {meta.get('commit')}, date {meta.get('date')}", ""]
+                  f"commit {meta.get('commit')}, date {meta.get('date')} (last row; per row where they differ)", ""]
         cols = [c for c in COLUMNS if any(c in r for r in rows)]
+        if len({(r.get("commit"), r.get("date")) for r in rows}) > 1:  # rows from several runs: say which is which
+            cols += ["commit", "date"]
         parts.append("| " + " | ".join(cols) + " |")
         parts.append("|" + "---|" * len(cols))
         for r in sorted(rows, key=lambda r: (r["bench"], str(r["shape"]), r["impl"] != "pgolf", r["impl"])):

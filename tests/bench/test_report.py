@@ -29,3 +29,15 @@ def test_runs_table_rendered(tmp_path):
                                                      "device": "H100", "date": "2026-11-24", "commit": "abc"}]))
     text = render(tmp_path)
     assert "## Training runs" in text and "pgolf run --preset pr1855" in text and "| 88 |" in text
+
+
+def test_rows_of_several_runs_show_their_commits(tmp_path):
+    base = {"bench": "train_step", "shape": "s", "device": "H100", "torch": "t", "triton": "t"}
+    rows = [dict(base, impl="pgolf", median_ms=1.0, commit="aaa", date="2026-11-25"),
+            dict(base, impl="compile", median_ms=2.0, commit="bbb", date="2026-11-25")]
+    (tmp_path / "train_step.json").write_text(json.dumps(rows))
+    text = render(tmp_path)
+    assert "| commit | date |" in text and "| aaa | 2026-11-25 |" in text and "| bbb | 2026-11-25 |" in text
+    rows[1]["commit"] = "aaa"
+    (tmp_path / "train_step.json").write_text(json.dumps(rows))
+    assert "| commit |" not in render(tmp_path)
