@@ -11,6 +11,7 @@ SUITES = {
     "newton_schulz": "pgolf.bench.newton_schulz",
     "gptq": "pgolf.bench.gptq",
     "step": "pgolf.bench.step",
+    "startup": "pgolf.bench.startup",
 }
 
 

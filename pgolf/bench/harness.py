@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from pgolf import BOS_ID
 from pgolf.provenance import git_commit
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
@@ -102,3 +104,15 @@ def standalone_main(suite: str, doc: str | None, run: Callable, table: Callable[
     rows = run(ceilings, args.out)
     write_results(suite, rows)
     print(table(rows))
+
+
+def random_documents(n_tokens: int, vocab: int, median_doc: float = 900.0, seed: int = 0) -> np.ndarray:
+    """Random token ids with BOS at document starts; log-normal document lengths (sigma 1) around `median_doc`
+    (about the shared corpus's median), so document-masked attention sees realistic boundaries."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab, n_tokens, dtype=np.int64)
+    pos = 0
+    while pos < n_tokens:
+        tokens[pos] = BOS_ID
+        pos += max(2, int(rng.lognormal(np.log(median_doc), 1.0)))
+    return tokens

@@ -7,9 +7,7 @@ compilation: each block compiled, the rest eager) and "compile" (PGOLF_KERNELS=r
 under torch.compile). Documents: BOS at realistic intervals (lengths drawn from a
 log-normal with the shared corpus's median), so the attention is document-masked as in training.
 
-The `startup` row is the launch-to-first-timed-step time of the first case run in the process: imports, the ceiling
-measurement, model build, torch.compile and the warm-up steps, on a synthetic batch (the trainer logs its own figure,
-with data loading, as the `timed_start` event).
+Launch to the first timed step is the `startup` suite (pgolf/bench/startup.py): a fresh `pgolf train` process.
 
 MFU counts 6 x (matrix params, head included) per token plus causal attention 6 x layers x seq x dim per token
 (the dense-causal count, as the records report it), over the measured bf16 matmul ceiling.
@@ -21,9 +19,7 @@ import time
 
 import torch
 
-import pgolf
-from pgolf import BOS_ID
-from pgolf.bench.harness import peak_memory_mb, row
+from pgolf.bench.harness import peak_memory_mb, random_documents, row
 from pgolf.kernels.dispatch import kernels_mode
 
 TOKENS = 98_304
@@ -32,18 +28,10 @@ STEPS_WARM = 3
 STEPS_TIMED = 10
 
 
-def batch_with_documents(vocab: int, rows: int, seq: int, median_doc: float = 900.0, seed: int = 0):
-    """Random tokens with BOS at document starts; log-normal document lengths (sigma 1) around `median_doc`."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(4, vocab, (rows * seq + 1,), generator=gen)
-    pos = 0
-    while pos < tokens.numel():
-        tokens[pos] = BOS_ID
-        length = float(torch.empty(1).log_normal_(mean=float(torch.tensor(median_doc).log()), std=1.0, generator=gen))
-        pos += max(2, int(length))
-    x = tokens[:-1].view(rows, seq).cuda()
-    y = tokens[1:].view(rows, seq).cuda()
-    return x, y
+def batch_with_documents(vocab: int, rows: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) on the GPU from `random_documents` (BOS at realistic document starts)."""
+    tokens = torch.from_numpy(random_documents(rows * seq + 1, vocab, seed=seed))
+    return tokens[:-1].view(rows, seq).cuda(), tokens[1:].view(rows, seq).cuda()
 
 
 def flops_per_token(model, cfg) -> float:
@@ -125,7 +113,6 @@ def bench_one(looped: bool, mode: str, ceilings: dict, scope: str = "model") -> 
             step()
         torch.cuda.synchronize()
         warm_s = time.perf_counter() - t0
-        since_launch_s = time.time() - pgolf.LAUNCH_TIME
         times = sorted(time_steps(step, STEPS_TIMED))
         ms = times[len(times) // 2]
         peak = peak_memory_mb(step)
@@ -136,7 +123,7 @@ def bench_one(looped: bool, mode: str, ceilings: dict, scope: str = "model") -> 
     shape = f"11L512d sp8192 {TOKENS}tok virt{model.virtual_layers()}"
     r = row(name, impl, shape, ms, flops=flops, ceilings=ceilings, tokens_per_s=round(TOKENS / ms * 1e3),
             mfu=round(flops / ms / 1e9 / ceilings["tflops"], 3), peak_mem_mb=round(peak), warmup_s=round(warm_s, 1),
-            breakdown=parts, top_kernels=top_kernels, since_launch_s=round(since_launch_s, 1))
+            breakdown=parts, top_kernels=top_kernels)
     return r
 
 
@@ -167,10 +154,4 @@ def run(ceilings: dict) -> list[dict]:
         print(f"{r['bench']:18s} {r['impl']:8s} {r['median_ms']:8.2f} ms  {r['tokens_per_s']:>9,} tok/s  "
               f"MFU {r['mfu']:.3f}  peak {r['peak_mem_mb']} MB  {r['breakdown']}", flush=True)
         rows.append(r)
-    if rows:
-        first = rows[0]
-        rows.append(row("startup", first["impl"], f"{first['bench']} first case, in-process",
-                        first.pop("since_launch_s") * 1e3))
-    for r in rows:
-        r.pop("since_launch_s", None)
     return rows
