@@ -7,6 +7,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from pgolf.model import GPT, ModelConfig
+from pgolf.quant.config import QuantConfig
+from pgolf.quant.qat import QATForward, qat_plan
 from pgolf.train.config import TrainConfig, validate
 
 
@@ -32,6 +34,10 @@ def test_compiled_blocks_match_eager_and_share_graphs(monkeypatch):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
     assert 1 <= counters["stats"]["unique_graphs"] < len(model.blocks)
+    plan = qat_plan(model, QuantConfig(quant_min_numel=256))  # QAT swaps the weights under the compiled blocks
+    assert plan
+    torch.testing.assert_close(QATForward(model, plan)(ids, targets), QATForward(ref, plan)(ids, targets),
+                               rtol=1e-6, atol=1e-6)
     model.compile_blocks(fullgraph=False, backend="aot_eager")  # recompiling wraps the method, not the wrapper
     torch.testing.assert_close(model(ids, targets), ref_loss, rtol=1e-6, atol=1e-6)
 
