@@ -146,7 +146,7 @@ def packed_code_bytes(config: dict[str, Any]) -> int:
     """Bytes of the train_gpt.py that `pgolf pack` would write for this configuration."""
     from pgolf.pack.packer import build_script
 
-    return len(build_script(config).encode())
+    return len(build_script(config))
 
 
 def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None = None,
@@ -170,7 +170,7 @@ def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None =
         config.update(preset=preset, quant=pconfig.to_dict(cfgs["quant"]), eval=pconfig.to_dict(cfgs["eval"]))
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if code_bytes is None:
-            code_bytes = packed_code_bytes({k: v for k, v in config.items() if k != "run"})
+            code_bytes = packed_code_bytes(config)
         quant_report = quantize(trainer.model, cfgs, out_dir, code_bytes)
     pdist.barrier()
     quant_report = pdist.broadcast_object(quant_report)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pgolf.cli import main as cli_main
-from pgolf.pack.packer import ARTIFACT_LIMIT, PackError, minify, pack
+from pgolf.pack.packer import ARTIFACT_LIMIT, PackError, latin1_literal, minify, pack
 
 FAST = ["--set", "train.max_wallclock_seconds=3", "--set", "train.reserve_seconds=0", "--set", "eval.max_tokens=4096",
         "--set", "train.val_tokens=4096", "--set", "quant.calib_batches=2"]
@@ -79,6 +79,23 @@ def test_packed_script_runs_from_its_own_folder(quick_run, tmp_path):
     rerun = json.loads((tmp_path / "rerun" / "results.json").read_text())
     assert rerun["eval"]["tokens"] == 2047
     assert rerun["total_bytes"] < ARTIFACT_LIMIT
+    # the run's budget counted the script exactly as `pgolf pack` wrote it
+    assert json.loads((quick_run / "results.json").read_text())["code_bytes"] == sizes.code_bytes
+    ascii_sizes = pack(quick_run, tmp_path / "ascii", encoding="base85")
+    assert (tmp_path / "ascii" / "train_gpt.py").read_bytes().isascii()
+    assert sizes.code_bytes < 0.85 * ascii_sizes.code_bytes  # latin-1 bytes instead of base85's 5 chars per 4 bytes
+
+
+def test_latin1_literal_round_trips_every_byte(tmp_path):
+    data = bytes(range(256)) * 3 + b"\x00123\\x41\r\n\"" + bytes(range(255, -1, -1))
+    script = b"# -*- coding: latin-1 -*-\nX=" + latin1_literal(data).encode("latin-1") + b"\n"
+    path = tmp_path / "lit.py"
+    path.write_bytes(script)
+    out = subprocess.run([sys.executable, "-c", f"import runpy,sys;sys.stdout.buffer.write("
+                          f"runpy.run_path({str(path)!r})['X'].encode('latin-1'))"], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == data
+    assert len(script) < 1.05 * len(data) + 40
 
 
 def test_pack_refuses_over_the_limit(tmp_path):
