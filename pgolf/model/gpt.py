@@ -19,7 +19,9 @@ q/k/v/MLP-up orthogonal; attention and MLP output projections zero, so every blo
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,9 @@ from pgolf.model.rotary import Rotary
 
 LANE_RESID_INIT = 1.1
 EMBED_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.embed.weight")
+_COMPILED_METHODS = ("forward", "forward_lanes")
+"""The Block methods `GPT.compile_blocks` replaces by compiled ones (instance attributes over the class methods)."""
+
 MATRIX_SUFFIXES = (".w_q", ".w_k", ".w_v", ".w_o", ".w_up", ".w_down")
 MATRIX_NAMES = ("bigram.proj", "value_embed.proj")
 
@@ -262,11 +267,28 @@ class GPT(nn.Module):
         a whole-model compile; the embedding, skips and head run eager between the blocks."""
         limit = 8 * len(self.blocks)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        self.uncompile_blocks()  # compiling again (e.g. without fullgraph) starts from the methods
         for block in self.blocks:
-            for name in ("forward", "forward_lanes"):
-                block.__dict__.pop(name, None)  # compiling again (e.g. without fullgraph) starts from the method
+            for name in _COMPILED_METHODS:
                 setattr(block, name, torch.compile(getattr(block, name), fullgraph=fullgraph, dynamic=False,
                                                    backend=backend))
+
+    def uncompile_blocks(self) -> dict[tuple[int, str], Any]:
+        """Back to the eager block methods (for evaluation shapes, calibration hooks, export); returns what was
+        removed, for `eager_blocks` to put back."""
+        return {(i, name): block.__dict__.pop(name) for i, block in enumerate(self.blocks)
+                for name in _COMPILED_METHODS if name in block.__dict__}
+
+    @contextlib.contextmanager
+    def eager_blocks(self) -> Iterator[None]:
+        """Run the blocks eagerly inside the `with`, compiled again after it (validation between training steps
+        must not compile graphs for its own shapes)."""
+        removed = self.uncompile_blocks()
+        try:
+            yield
+        finally:
+            for (i, name), fn in removed.items():
+                setattr(self.blocks[i], name, fn)
 
     # ---------------------------------------------------------------- bookkeeping
     @staticmethod

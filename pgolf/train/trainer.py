@@ -195,7 +195,7 @@ class Trainer:
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         try:
             return self.forward(x, y)
-        except torch._dynamo.exc.Unsupported as exc:
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as exc:  # e.g. data-dependent branches
             if not (self._use_compile and self._fullgraph):
                 raise
             say_once("trainer-fullgraph", f"pgolf.train: the model does not compile as one graph ({exc}); "
@@ -292,13 +292,14 @@ class Trainer:
         acc = BpbAccumulator(self.byte_tables, device=self.device)
         was_training = self.model.training
         self.model.eval()
-        for s in range(start, end, rows):
-            e = min(s + rows, end)
-            chunk = torch.from_numpy(self.val_tokens[s * T: e * T + 1].astype(np.int64)).to(self.device)
-            x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
-            with self._autocast():
-                nll = self.model(x, y, reduction="none")
-            acc.add(nll.float(), x, y)
+        with self.model.eager_blocks():
+            for s in range(start, end, rows):
+                e = min(s + rows, end)
+                chunk = torch.from_numpy(self.val_tokens[s * T: e * T + 1].astype(np.int64)).to(self.device)
+                x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
+                with self._autocast():
+                    nll = self.model(x, y, reduction="none")
+                acc.add(nll.float(), x, y)
         acc.all_reduce()
         self.model.train(was_training)
         return acc.loss(), acc.bpb(), acc.token_count
@@ -503,6 +504,7 @@ class Trainer:
                   + (f"; peak memory {peak_mb:.0f} MiB" if peak_mb is not None else "")
                   + "".join(f"; {k} {v:,.1f}" for k, v in speed.items()))
         checkpoint_path = self.save_checkpoint()
+        self.model.uncompile_blocks()  # what follows (validation, export, calibration) runs the eager blocks
         weights = self.averager.source
         export = self.averager.export_state(self.model)
         self.model.load_state_dict(export)

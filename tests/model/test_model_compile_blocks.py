@@ -40,6 +40,12 @@ def test_compiled_blocks_match_eager_and_share_graphs(monkeypatch):
                                rtol=1e-6, atol=1e-6)
     model.compile_blocks(fullgraph=False, backend="aot_eager")  # recompiling wraps the method, not the wrapper
     torch.testing.assert_close(model(ids, targets), ref_loss, rtol=1e-6, atol=1e-6)
+    compiled = model.blocks[0].forward
+    with model.eager_blocks():
+        assert "forward" not in model.blocks[0].__dict__
+        torch.testing.assert_close(model(ids, targets), ref_loss, rtol=1e-6, atol=1e-6)
+    assert model.blocks[0].forward is compiled
+    assert len(model.uncompile_blocks()) == 2 * len(model.blocks) and not model.uncompile_blocks()
 
 
 def test_compile_scope_is_checked():

@@ -220,3 +220,23 @@ def test_qat_switches_on_at_its_fraction_and_trains_through_the_fake_quantizer(d
     warmed = tmp_path / "qat_warm"  # the warm-up also runs the QAT graph, then restores every state
     Trainer(tiny_model(), tiny_train(data, warmed, warmup_steps=2), tiny_optim(), quant_cfg=cfg).run()
     assert losses(warmed) == after
+
+
+def test_regional_compilation_trains_like_eager(data, tmp_path, monkeypatch):
+    """compile_scope='blocks' (aot_eager here: no C++ toolchain needed) follows the eager loss curve, and the
+    final validation runs the eager blocks. The CPU reference attention branches on document lengths, so the
+    blocks do not compile as one graph: this also takes the trainer's fall-back to graph breaks."""
+    import functools
+
+    monkeypatch.setattr(GPT, "compile_blocks", functools.partialmethod(GPT.compile_blocks, backend="aot_eager"))
+    model = tiny_model(max_docs_per_row=16)
+    short = dict(iterations=2, grad_accum_steps=1, val_tokens=4 * SEQ_LEN)
+    eager = run(data, tmp_path / "eager", model=model, **short)
+    from pgolf.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_SAID", set())  # the fall-back message is said once per process
+    with pytest.warns(RuntimeWarning, match="does not compile as one graph"):
+        blocks = run(data, tmp_path / "blocks", model=model, compile="on", compile_scope="blocks", **short)
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "blocks")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    assert blocks.val_bpb == pytest.approx(eager.val_bpb, abs=1e-4)
