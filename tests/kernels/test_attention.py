@@ -152,6 +152,14 @@ def test_dispatch(monkeypatch):
         attn.backend()
 
 
+def test_library_path_only_where_it_measured_faster():
+    # 48 rows of 2048 tokens, one document each: cuDNN SDPA without XSA, the fused kernel with XSA
+    assert attn.library_is_faster(False, 48, 2048, 48 * 2048)
+    assert not attn.library_is_faster(True, 48, 2048, 48 * 2048)
+    # document-masked (more document slots than rows x seq): no cuDNN path, the fused kernel either way
+    assert not attn.library_is_faster(False, 48 * 64, 2048, 48 * 2048)
+
+
 def test_bad_inputs_are_named():
     q = torch.randn(8, 4, 16)
     k = torch.randn(8, 2, 16)
