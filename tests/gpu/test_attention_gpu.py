@@ -76,6 +76,16 @@ def test_default_path_and_compile():
         assert _rel(a, b) < 1e-2
 
 
+def test_dense_without_xsa_takes_cudnn_and_compiles():
+    """Equal-length documents without XSA go to cuDNN SDPA (library_is_faster); right, and traceable as one graph."""
+    cu, q, k, v, dy = _case(LAYOUTS["dense"])
+    _against_reference(attn.attention, cu, q, k, v, dy, False)
+    compiled = torch.compile(lambda q, k, v: attn.attention(q, k, v, cu, 512, False), fullgraph=True)
+    eager = _fwd_bwd(lambda q, k, v: attn.attention(q, k, v, cu, 512, False), q, k, v, dy)
+    for a, b in zip(eager, _fwd_bwd(compiled, q, k, v, dy)):
+        assert _rel(a, b) < 1e-2
+
+
 def test_deterministic_and_isolated():
     """No atomics: two runs agree bit for bit; new tokens in one document leave the others' results alone."""
     cu, q, k, v, dy = _case(LAYOUTS["varlen"])
