@@ -151,7 +151,8 @@ def packed_code_bytes(config: dict[str, Any]) -> int:
 
 def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None = None,
                  code_bytes: int | None = None) -> dict:
-    """Train, quantize, compress, evaluate; returns (and writes) results.json.
+    """Train, quantize, compress, evaluate; returns (and writes) results.json. A run halted by halt_after_step
+    stops after training (returns its stop reason and step); `train.resume=auto` continues it.
 
     `code_bytes`: size of the submitted script; by default that of the script `pgolf pack` would write.
     """
@@ -164,6 +165,11 @@ def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None =
     trainer = Trainer(cfgs["model"], t, cfgs["optim"], quant_cfg=cfgs["quant"])
     info = trainer.info
     train_result = trainer.run()
+    if train_result.stop_reason == "halt":  # a simulated kill: nothing after training happens, as after a real one
+        if info.is_main:
+            print(f"pgolf run: training halted at step {train_result.step} (halt_after_step); nothing quantized or "
+                  f"evaluated. Continue with the same command and --set train.resume=auto", flush=True)
+        return {"stop_reason": "halt", "steps": train_result.step}
     quant_report = None
     if info.is_main:
         config = json.loads((out_dir / "config.json").read_text())

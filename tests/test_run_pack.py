@@ -120,3 +120,26 @@ def test_minify_keeps_behaviour():
     scope = {}
     exec(small, scope)
     assert scope["f"](2) == 3
+
+
+@pytest.mark.slow
+def test_a_halted_run_resumes_and_finishes_the_pipeline(tmp_path):
+    """How a run longer than one session call goes: killed after a checkpoint, the same command with
+    train.resume=auto continues the curve and then quantizes and evaluates."""
+    out = tmp_path / "split"
+    common = ["run", "--out", str(out), "--set", "train.max_wallclock_seconds=0", "--set", "train.iterations=8",
+              "--set", "train.checkpoint_every=3", "--set", "train.warmup_steps=0", "--set", "eval.max_tokens=2048",
+              "--set", "train.val_tokens=2048", "--set", "quant.calib_batches=2"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*common, "--set", "train.halt_after_step=5"])
+    assert exc.value.code == 0
+    assert not (out / "results.json").exists() and not (out / "model.pgq").exists()
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*common, "--set", "train.resume=auto"])
+    assert exc.value.code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 8 and (out / "model.pgq").stat().st_size == results["model_bytes"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # one curve: the killed run's steps after its last checkpoint (4, 5) were dropped on resume and run again
+    assert [r["step"] for r in records if r.get("kind") == "train"] == list(range(1, 9))
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [3]
