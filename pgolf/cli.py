@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
 
@@ -39,6 +40,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         build_parser().print_help()
         sys.exit(2)
-    result = importlib.import_module(COMMANDS[args.command][0]).main(args)
+    try:
+        result = importlib.import_module(COMMANDS[args.command][0]).main(args)
+    except _user_errors() as exc:
+        if os.environ.get("PGOLF_DEBUG"):
+            raise
+        message = str(exc) if str(exc).startswith("pgolf") else f"pgolf {args.command}: {exc}"
+        print(f"{message}\n({type(exc).__name__}; PGOLF_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
     if isinstance(result, int):
         sys.exit(result)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises (missing or corrupt files, settings out of range, a vocab that does not match, an
+    artifact over the limit, a diverged run): reported as one line naming the file and the problem."""
+    errors: list[type[BaseException]] = [FileNotFoundError, NotADirectoryError, ValueError]
+    trainer = sys.modules.get("pgolf.train.trainer")
+    if trainer is not None:
+        errors.append(trainer.TrainingDiverged)
+    return tuple(errors)
