@@ -116,3 +116,16 @@ def random_documents(n_tokens: int, vocab: int, median_doc: float = 900.0, seed:
         tokens[pos] = BOS_ID
         pos += max(2, int(rng.lognormal(np.log(median_doc), 1.0)))
     return tokens
+
+
+def profile_calls(fn: Callable[[], Any], runs: int, cuda: bool = True):
+    """torch.profiler over `runs` calls of `fn` (already warmed up): CUDA kernels, or CPU ops with cuda=False."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            fn()
+        sync()
+    return prof

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from pgolf.bench.harness import measure_ceilings, median_ms, row, write_results
+from pgolf.bench.harness import measure_ceilings, median_ms, profile_calls, row, write_results
 from pgolf.kernels import newton_schulz as ns
 
 RECORD_BANKS = [(22, 512, 512), (22, 256, 512), (11, 2048, 512), (11, 512, 2048)]
@@ -140,6 +140,11 @@ def tune(shapes: list[tuple[int, int, int]]) -> list[tuple[str, float, float]]:
     return out
 
 
+def _kernel_table(fn: Callable[[], Any], rows: int, runs: int = 5) -> str:
+    """The profiler's per-kernel CUDA time table over `runs` calls of `fn` (already warmed up)."""
+    return profile_calls(fn, runs).key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
 def profile_optimizer() -> str:
     """Per-kernel GPU time of the whole optimizer step on one GPU."""
     from pgolf.train.optim import OptimConfig, build_optimizer
@@ -151,12 +156,7 @@ def profile_optimizer() -> str:
         for p in params:
             p.grad = torch.randn_like(p) * 0.01
         opt.step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            opt.step()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    return _kernel_table(opt.step, rows=25)
 
 
 def profile(shapes: list[tuple[int, int, int]], blocks: dict[str, dict[str, int]] | None = None) -> str:
@@ -165,12 +165,7 @@ def profile(shapes: list[tuple[int, int, int]], blocks: dict[str, dict[str, int]
     for inp in plan.inputs:
         inp.copy_(torch.randn(inp.shape, device="cuda"))
     plan.run()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            plan.run()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    return _kernel_table(plan.run, rows=12)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.bench.harness import RESULTS_DIR
+from pgolf.train.metrics import METRICS_FILE, read_metrics
 
 RUNS_FILE = "runs"
 
@@ -21,18 +22,17 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"pgolf bench --add-run: {path} is not valid JSON ({exc})") from exc
 
 
-def _events(path: Path) -> dict[str, dict]:
-    """The last metrics.jsonl record of each event name and of the 'final' kind."""
-    out: dict[str, dict] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        key = rec.get("event") if rec.get("kind") == "event" else rec.get("kind")
-        out[str(key)] = rec
-    return out
+def last_records(run_dir: str | Path) -> dict[str, dict]:
+    """The last metrics.jsonl record of each event name ("timed_start", "warmup", ...) and of each other kind
+    ("final", "val", ...) of a run directory."""
+    return {str(r.get("event") if r.get("kind") == "event" else r.get("kind")): r for r in read_metrics(run_dir)}
+
+
+def _round(x: Any, digits: int | None = None) -> float | int | None:
+    """x rounded to `digits` (to an int without); None stays None."""
+    if x is None:
+        return None
+    return round(float(x)) if digits is None else round(float(x), digits)
 
 
 def _eval_description(ev: dict) -> str:
@@ -48,29 +48,26 @@ def run_row(run_dir: str | Path, note: str | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     config = _read_json(run_dir / "config.json")
     results = _read_json(run_dir / "results.json")
-    events = _events(run_dir / "metrics.jsonl")
+    events = last_records(run_dir) if (run_dir / METRICS_FILE).is_file() else {}
     final, run = events.get("final", {}), config.get("run", {})
-    r1 = lambda x: None if x is None else round(float(x), 1)  # noqa: E731
     row: dict[str, Any] = {
         "preset": results.get("preset") or config.get("preset") or "custom",
         "command": run.get("command"),
-        "train_seconds": r1(results.get("train_seconds")),
+        "train_seconds": _round(results.get("train_seconds"), 1),
         "steps": results.get("steps"),
-        "ms_per_step_loop_off": r1(final.get("ms_per_step_loop_off")),
-        "ms_per_step_loop_on": r1(final.get("ms_per_step_loop_on")),
-        "tokens_per_s_loop_off": None if final.get("tokens_per_s_loop_off") is None
-        else round(final["tokens_per_s_loop_off"]),
-        "tokens_per_s_loop_on": None if final.get("tokens_per_s_loop_on") is None
-        else round(final["tokens_per_s_loop_on"]),
-        "peak_mem_mb": None if final.get("peak_memory_mb") is None else round(final["peak_memory_mb"]),
-        "val_bpb_prequant": None if results.get("val_bpb_prequant") is None else round(results["val_bpb_prequant"], 4),
+        "ms_per_step_loop_off": _round(final.get("ms_per_step_loop_off"), 1),
+        "ms_per_step_loop_on": _round(final.get("ms_per_step_loop_on"), 1),
+        "tokens_per_s_loop_off": _round(final.get("tokens_per_s_loop_off")),
+        "tokens_per_s_loop_on": _round(final.get("tokens_per_s_loop_on")),
+        "peak_mem_mb": _round(final.get("peak_memory_mb")),
+        "val_bpb_prequant": _round(results.get("val_bpb_prequant"), 4),
         "prequant_eval": results.get("prequant_eval"),
-        "val_bpb": None if results.get("val_bpb") is None else round(results["val_bpb"], 4),
+        "val_bpb": _round(results.get("val_bpb"), 4),
         "postquant_eval": _eval_description(results["eval"]) if isinstance(results.get("eval"), dict) else None,
         "model_bytes": results.get("model_bytes"), "code_bytes": results.get("code_bytes"),
         "total_bytes": results.get("total_bytes"),
-        "launch_to_first_step_s": r1(events.get("timed_start", {}).get("since_launch_s")),
-        "warmup_s": r1(events.get("warmup", {}).get("seconds")),
+        "launch_to_first_step_s": _round(events.get("timed_start", {}).get("since_launch_s"), 1),
+        "warmup_s": _round(events.get("warmup", {}).get("seconds"), 1),
         "device": run.get("device_name") or run.get("device"), "torch": run.get("torch"),
         "commit": (run.get("commit") or "unknown")[:12], "date": (run.get("started") or "")[:10],
         "run_dir": run_dir.name,

@@ -7,7 +7,6 @@ only the first case of a fresh machine is a cold start (the row says which case 
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from pgolf.bench.harness import random_documents, row
+from pgolf.bench.runs import last_records
 from pgolf.data.shards import write_shard
 
 CASES = {"pr1855:model": ("pr1855", "model"), "pr1855:blocks": ("pr1855", "blocks")}
@@ -36,11 +36,7 @@ def launch_to_first_step(args: list[str], vocab: int, train_tokens: int = 4_000_
         if proc.returncode != 0:
             raise RuntimeError(f"pgolf.bench.startup: {' '.join(cmd)} failed ({proc.returncode}):\n"
                                f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        events = {}
-        for line in (out / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("kind") == "event":
-                events[rec["event"]] = rec
+        events = last_records(out)
     if "timed_start" not in events:
         raise RuntimeError("pgolf.bench.startup: the run logged no timed_start event")
     return {"since_launch_s": events["timed_start"]["since_launch_s"],

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pgolf.bench.harness import peak_memory_mb, random_documents, row
+from pgolf.bench.harness import peak_memory_mb, profile_calls, random_documents, row
 from pgolf.kernels.dispatch import kernels_mode
 
 TOKENS = 98_304
@@ -56,13 +56,7 @@ def breakdown(step, steps: int = 2, top: int = 15, cuda: bool = True) -> tuple[d
     """Share of CUDA time (CPU time with cuda=False) by kernel family over `steps` profiled steps, and the `top`
     kernels by time as [name, ms per step, calls per step]: where the elementwise/fused share goes is the next
     tuning question."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
+    prof = profile_calls(step, steps, cuda)
     families = {"attention": ("attn", "flash", "fmha", "sdpa", "cudnn", "_fwd_kernel", "_bwd_dq", "_bwd_dkdv"), "mlp": ("mlp",),
                 "cross_entropy": ("softcap", "cross_entropy", "_ce_"), "newton_schulz": ("ns_", "newton", "gram"),
                 "gemm": ("gemm", "sm90", "cutlass", "nvjet", "matmul", "mm_"),

@@ -25,7 +25,7 @@ import torch
 from pgolf.config import add_arguments as add_config_arguments
 from pgolf.config import resolve, to_dict
 from pgolf.eval.budget import EvalBudget
-from pgolf.eval.config import EvalConfig
+from pgolf.eval.config import MODES, EvalConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,12 +81,11 @@ CONTEST_GPUS = 8
 
 def parse_table(spec: str, base: EvalConfig) -> list[tuple[str, EvalConfig]]:
     """`chunks,sliding:64,ttt` -> [(label, config)], each config `base` with that mode (and stride)."""
-    modes = ("chunks", "sliding", "ttt", "lora_ttt")
     out = []
     for item in (x.strip() for x in spec.split(",") if x.strip()):
         mode, _, stride = item.partition(":")
-        if mode not in modes:
-            raise ValueError(f"pgolf eval --table: unknown mode {mode!r} in {spec!r}; choose from {modes}")
+        if mode not in MODES:
+            raise ValueError(f"pgolf eval --table: unknown mode {mode!r} in {spec!r}; choose from {MODES}")
         if stride and not stride.isdigit():
             raise ValueError(f"pgolf eval --table: stride must be a positive integer, got {item!r}")
         cfg = dataclasses.replace(base, mode=mode, stride=int(stride) if stride else base.stride)

@@ -273,6 +273,10 @@ class GPT(nn.Module):
                 setattr(block, name, torch.compile(getattr(block, name), fullgraph=fullgraph, dynamic=False,
                                                    backend=backend))
 
+    @property
+    def blocks_compiled(self) -> bool:
+        return any(name in block.__dict__ for block in self.blocks for name in _COMPILED_METHODS)
+
     def uncompile_blocks(self) -> dict[tuple[int, str], Any]:
         """Back to the eager block methods (for evaluation shapes, calibration hooks, export); returns what was
         removed, for `eager_blocks` to put back."""

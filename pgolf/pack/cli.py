@@ -7,7 +7,9 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory written by `pgolf run` (config.json, results.json, artifact)")
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/submission)")
-    parser.add_argument("--encoding", default="latin1", choices=("latin1", "base85"),
+    from pgolf.pack.packer import ENCODINGS
+
+    parser.add_argument("--encoding", default="latin1", choices=ENCODINGS,
                         help="how the compressed code sits in train_gpt.py: latin-1 bytes (smallest) or base85 "
                              "(pure ASCII, 25%% larger) [default: latin1]")
 

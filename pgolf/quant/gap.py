@@ -6,7 +6,7 @@ not compressors. `pgolf quant CKPT --gap-table` runs it and writes bench/results
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -51,7 +51,7 @@ def gap_rows(model_config: dict[str, Any], state_dict: dict[str, torch.Tensor], 
     for name, option in (options or OPTIONS).items():
         changes = {k: v for k, v in option.items() if k not in ("kernels", "same_ints_as")}
         cfg = base.replace(**{**changes, "compressor": "rans", "report_only": True})
-        with kernels_mode(option.get("kernels", os.environ.get("PGOLF_KERNELS", "auto"))):
+        with kernels_mode(option["kernels"]) if "kernels" in option else contextlib.nullcontext():
             t0 = time.perf_counter()
             qm, report = export_state_dict(state_dict, hessians, cfg, {"model_config": model_config}, None, device)
             seconds = time.perf_counter() - t0

@@ -133,7 +133,6 @@ class Trainer:
         self._use_compile = train_cfg.compile == "on" or (train_cfg.compile == "auto" and self.is_cuda)
         self._fullgraph = train_cfg.compile_fullgraph
         self._forwards: dict[bool, Any] = {}
-        self._blocks_compiled = False
         self.forward = self._forward_for(False)
         self.val_tokens: np.ndarray | None = None
         self.byte_tables = None
@@ -154,9 +153,8 @@ class Trainer:
 
                 module = QATForward(self.model, qat_plan(self.model, self.quant_cfg))
             if self._use_compile and self.cfg.compile_scope == "blocks":
-                if not self._blocks_compiled:
+                if not self.model.blocks_compiled:
                     self.model.compile_blocks(self._fullgraph)
-                    self._blocks_compiled = True
             elif self._use_compile:
                 module = torch.compile(module, fullgraph=self._fullgraph, dynamic=False)
             self._forwards[qat] = module
@@ -202,7 +200,7 @@ class Trainer:
                                           f"compiling with graph breaks instead")
             self._fullgraph = False
             self._forwards.clear()
-            self._blocks_compiled = False
+            self.model.uncompile_blocks()
             self.forward = self._forward_for(self.qat_active)
             return self.forward(x, y)
 

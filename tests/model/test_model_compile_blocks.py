@@ -45,7 +45,9 @@ def test_compiled_blocks_match_eager_and_share_graphs(monkeypatch):
         assert "forward" not in model.blocks[0].__dict__
         torch.testing.assert_close(model(ids, targets), ref_loss, rtol=1e-6, atol=1e-6)
     assert model.blocks[0].forward is compiled
+    assert model.blocks_compiled
     assert len(model.uncompile_blocks()) == 2 * len(model.blocks) and not model.uncompile_blocks()
+    assert not model.blocks_compiled
 
 
 def test_compile_scope_is_checked():
