@@ -110,7 +110,7 @@ def _impls(cu: torch.Tensor, dense_rows: int | None) -> dict[str, tuple[Callable
     mask = attn.flex_document_mask(cu, total)
     flex = lambda q, k, v: attn.flex_varlen(q, k, v, mask)  # noqa: E731
     out["flex+xsa"] = (lambda q, k, v: xsa(flex(q, k, v), v), flex)
-    fa = attn._flash_attn_varlen()
+    fa = attn.FLASH_ATTN_VARLEN
     if fa is not None:
         core_fa = lambda q, k, v: fa(q, k, v, cu, cu, max_len, max_len, causal=True)  # noqa: E731
         out["flash_attn+xsa"] = (lambda q, k, v: xsa(core_fa(q, k, v), v), core_fa)

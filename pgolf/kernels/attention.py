@@ -495,13 +495,16 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 # Unfused path: a library attention core, then XSA
 # ---------------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _flash_attn_varlen():
+def _import_flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
     except Exception:
         return None
     return flash_attn_varlen_func
+
+
+# Resolved once at import, not at the call: dynamo cannot trace an import inside a compiled model.
+FLASH_ATTN_VARLEN = _import_flash_attn_varlen()
 
 
 @functools.lru_cache(maxsize=None)
@@ -556,12 +559,12 @@ def attention_unfused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     length max_seqlen (T == N * max_seqlen), else FlexAttention (which rebuilds its block mask every call)."""
     _check_inputs(q, k, v, cu_seqlens)
     total = q.shape[0]
-    fa = _flash_attn_varlen()
-    if fa is not None:
-        o = fa(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    if FLASH_ATTN_VARLEN is not None:
+        o = FLASH_ATTN_VARLEN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
     else:
-        say_once("no-flash-attn", "pgolf: flash_attn is not importable; unfused attention uses cuDNN SDPA for "
-                                  "equal-length documents, FlexAttention otherwise")
+        if not torch.compiler.is_compiling():
+            say_once("no-flash-attn", "pgolf: flash_attn is not importable; unfused attention uses cuDNN SDPA for "
+                                      "equal-length documents, FlexAttention otherwise")
         rows = cu_seqlens.numel() - 1
         if rows * max_seqlen == total:
             o = sdpa_dense(q, k, v, rows)
