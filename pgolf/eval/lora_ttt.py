@@ -75,10 +75,12 @@ class BatchedLoRA(nn.Module):
         self.B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.size(0) != self.A.size(0):
-            raise ValueError(f"pgolf.eval.lora_ttt: LoRA input must be (docs={self.A.size(0)}, T, in), got "
+        """x (k, T, in) holds the first k <= n documents of the batch (those still being scored)."""
+        if x.dim() != 3 or x.size(0) > self.A.size(0):
+            raise ValueError(f"pgolf.eval.lora_ttt: LoRA input must be (docs<={self.A.size(0)}, T, in), got "
                              f"{tuple(x.shape)}")
-        a, b = self.A.to(x.dtype), self.B.to(x.dtype)
+        k = x.size(0)
+        a, b = self.A[:k].to(x.dtype), self.B[:k].to(x.dtype)
         return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * self.scale
 
 
@@ -255,43 +257,50 @@ class LoraScorer:
         return F.cross_entropy(z.reshape(-1, z.size(-1)), labels.reshape(-1), reduction="none").view(labels.shape)
 
     def run_batch(self, seg: Segments, docs: np.ndarray, train: bool) -> None:
+        """Docs are taken longest first, so the documents still being scored at chunk `ci` are the first rows:
+        each step runs only those rows (a long document does not drag finished ones through the model), and
+        every index is built on the host and sent in one copy, so a step never waits on the GPU."""
         cfg, tokens, window, chunk = self.cfg, self.tokens, self.window, self.chunk
+        docs = docs[np.argsort(-(seg.hi[docs] - seg.lo[docs]), kind="stable")]
         start, lo, hi = seg.start[docs], seg.lo[docs], seg.hi[docs]
-        n = len(docs)
         n_chunks = (hi - lo) // chunk + 1
-        bank = self._bank(n, 0)
+        bank = self._bank(len(docs), 0)
         opt = torch.optim.AdamW(bank.parameters(), lr=cfg.lora_lr, betas=(cfg.lora_beta1, cfg.lora_beta2),
                                 weight_decay=cfg.lora_weight_decay, eps=1e-10) if train else None
         cols = np.arange(chunk)
         for ci in range(int(n_chunks.max())):
-            c_lo = lo + ci * chunk
-            c_hi = np.minimum(c_lo + chunk - 1, hi)
-            active = c_lo <= hi
-            a = np.where(active, np.maximum(start, c_hi - window), start)
-            length = np.where(active, c_hi - a, 1)
+            k = int((n_chunks > ci).sum())
+            c_lo = lo[:k] + ci * chunk
+            c_hi = np.minimum(c_lo + chunk - 1, hi[:k])
+            a = np.maximum(start[:k], c_hi - window)
+            length = c_hi - a
             t = int(length.max())
             idx = a[:, None] + np.arange(t)[None]
             x = np.where(np.arange(t)[None] < length[:, None], tokens[np.minimum(idx, len(tokens) - 1)], 0)
             first = c_lo - 1 - a  # column of the chunk's first label
             sel = np.minimum(first[:, None] + cols[None], t - 1)
-            mask = active[:, None] & (cols[None] <= (c_hi - c_lo)[:, None])
+            mask = cols[None] <= (c_hi - c_lo)[:, None]
             target_pos = np.where(mask, a[:, None] + 1 + sel, 0)
-            step = train and bool((active & (ci < n_chunks - 1)).any())
-            x_t = torch.from_numpy(x).to(self.device)
-            sel_t = torch.from_numpy(sel).to(self.device)
-            tp_t = torch.from_numpy(target_pos).to(self.device)
-            mask_t = torch.from_numpy(mask).to(self.device)
-            labels = self.tokens_dev[tp_t]
+            trains = ci < n_chunks[:k] - 1
+            step = train and bool(trains.any())
+            flat = np.flatnonzero(mask)
+            scored_pos = target_pos.ravel()[flat]
+            parts = [x.ravel(), sel.ravel(), tokens[target_pos].ravel(), flat, tokens[scored_pos - 1],
+                     tokens[scored_pos], mask.ravel(), trains]
+            dev = torch.from_numpy(np.concatenate([p.astype(np.int64) for p in parts])).to(self.device,
+                                                                                            non_blocking=True)
+            x_t, sel_t, labels, flat_t, prev_t, tgt_t, mask_t, trains_t = dev.split([p.size for p in parts])
+            labels = labels.view(k, chunk)
             with torch.set_grad_enabled(step):
-                nll = self.nll(bank, x_t, sel_t, labels)
-            scored = nll.detach()[mask_t]
-            self.acc.add(scored, self.tokens_dev[tp_t - 1][mask_t], labels[mask_t])
+                nll = self.nll(bank, x_t.view(k, t), sel_t.view(k, chunk), labels)
+            scored = nll.detach().reshape(-1)[flat_t]
+            self.acc.add(scored, prev_t, tgt_t)
             if self.recorder is not None:
-                self.recorder.add(target_pos[mask], scored)
+                self.recorder.add(scored_pos, scored)
             if step:
-                counts = mask_t.sum(1).clamp(min=1)
-                trains = torch.from_numpy(active & (ci < n_chunks - 1)).to(self.device)
-                loss = ((nll * mask_t).sum(1) / counts * trains).sum()
+                weight = mask_t.view(k, chunk).to(nll.dtype)
+                counts = weight.sum(1).clamp(min=1)
+                loss = ((nll * weight).sum(1) / counts * trains_t.to(nll.dtype)).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.lora_grad_clip > 0:
