@@ -141,12 +141,13 @@ def test_auto_mode_picks_the_kernel_only_where_it_measured_faster(monkeypatch):
     assert calls == []
     large = torch.randn(2, mlp.TRITON_MIN_TOKENS // 2, 8)
     mlp.fused_mlp(large, w_up, w_down, 0.5)
-    assert calls == []  # LeakyReLU(0.5)^2 measured slower than the compiled reference: auto keeps the reference
     mlp.fused_mlp(large, w_up, w_down, 0.0)
-    assert calls == [large.shape]
+    assert calls == [large.shape, large.shape]  # both measured activations, at the record's token count
+    mlp.fused_mlp(large, w_up, w_down, 0.25)
+    assert len(calls) == 2  # an activation never measured stays on the reference
     monkeypatch.setenv("PGOLF_KERNELS", "triton")
     mlp.fused_mlp(small, w_up, w_down)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # 3e19 squared is inf in fp32, as on the GPU
