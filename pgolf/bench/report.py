@@ -8,7 +8,7 @@ from pgolf.bench.harness import RESULTS_DIR
 from pgolf.bench.runs import RUNS_FILE
 
 COLUMNS = ("bench", "shape", "impl", "median_ms", "tflops", "gbps", "frac_ceiling", "peak_mem_mb", "speedup",
-           "tokens_per_s", "mfu", "val_bpb", "gap_bpb", "model_bytes")
+           "tokens_per_s", "mfu", "val_bpb", "gap_bpb", "model_bytes", "projected_8gpu_s")
 RUN_COLUMNS = ("preset", "train_seconds", "steps", "ms_per_step_loop_off", "ms_per_step_loop_on",
                "tokens_per_s_loop_off", "peak_mem_mb", "val_bpb_prequant", "val_bpb", "total_bytes",
                "launch_to_first_step_s", "command")
