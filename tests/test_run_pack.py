@@ -53,6 +53,23 @@ def test_run_directory_becomes_a_runs_table_row(quick_run, tmp_path):
     assert "cpu smoke" not in table and "again" in table and row["command"] in table
 
 
+@pytest.mark.slow
+def test_eval_of_a_run_artifact_defaults_to_the_runs_evaluator(quick_run, tmp_path):
+    """`pgolf eval RUN/model.pgq` with no flags scores what the run scored; a flag still overrides."""
+    results = json.loads((quick_run / "results.json").read_text())
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["eval", str(quick_run / "model.pgq"), "--device", "cpu", "--out", str(out)])
+    assert exc.value.code == 0
+    again = json.loads(out.read_text())
+    run_eval = json.loads((quick_run / "config.json").read_text())["eval"]
+    assert again["config"]["mode"] == run_eval["mode"] and again["tokens"] == results["eval"]["tokens"] == 4095
+    assert again["val_bpb"] == pytest.approx(results["val_bpb"], abs=1e-9)
+    with pytest.raises(SystemExit):
+        cli_main(["eval", str(quick_run / "model.pgq"), "--device", "cpu", "--max-tokens", "2048", "--out", str(out)])
+    assert json.loads(out.read_text())["tokens"] == 2047
+
+
 def test_add_run_names_what_is_missing(tmp_path):
     from pgolf.bench.runs import run_row
 

@@ -10,6 +10,9 @@ mode, with the time projected to 8 GPUs; --bench-results also merges those rows 
 A checkpoint is a torch.save of {"model_config": dict, "model": state_dict}; anything else is read as an
 artifact through pgolf.quant.artifact (its metadata carries the model config). Looped models are evaluated
 with recurrence on, as trained. The result (JSON) is printed by rank 0 and written to --out.
+
+Inside a run directory (config.json beside the file) the run's own settings are the defaults: its evaluator
+(mode, stride, TTT settings, max_tokens...), val files and tokenizer; flags and PGOLF_* variables override them.
 """
 from __future__ import annotations
 
@@ -107,11 +110,19 @@ def table_row(label: str, result: dict, world_size: int, source: str) -> dict:
                projected_8gpu_s=round(seconds * world_size / CONTEST_GPUS, 2), skipped=result["skipped"])
 
 
-def run_train_config(path: str | Path) -> dict:
-    """The train section of the run's config.json beside `path` (a run directory's final.pt or model.pgq), if any:
-    its val_files and tokenizer_path are the defaults for scoring that run."""
+def run_config(path: str | Path, concern: str) -> dict:
+    """One section of the run's config.json beside `path` (a run directory's final.pt or model.pgq), if any: the
+    train section's val_files and tokenizer_path and the eval section (the run's evaluator, e.g. a preset's
+    phased LoRA TTT) are the defaults for scoring that run."""
     config = Path(path).parent / "config.json"
-    return json.loads(config.read_text()).get("train", {}) if config.is_file() else {}
+    return json.loads(config.read_text()).get(concern, {}) if config.is_file() else {}
+
+
+def run_eval_config(path: str | Path) -> EvalConfig:
+    """The run's EvalConfig (fields it does not know, from another pgolf version, are ignored), else defaults."""
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in run_config(path, "eval").items() if k in known}
+    return dataclasses.replace(EvalConfig(), **given)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -122,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
     from pgolf.eval.evaluate import evaluate
     from pgolf.train.distributed import init_distributed
 
-    cfg = resolve(EvalConfig, args)
+    cfg = resolve(EvalConfig, args, base=run_eval_config(args.path))
     info = init_distributed(args.device)
     # the contest clock covers loading too: the budget starts before the artifact is read
     budget = EvalBudget(cfg.time_budget_seconds, cfg.budget_margin_seconds, device=info.device)
@@ -130,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
         model_config, state, kind = load_model_source(args.path)
         model = build_model(model_config, state, info.device)
         vocab = model.cfg.vocab_size
-        run_train = run_train_config(args.path)
+        run_train = run_config(args.path, "train")
         val_files = (args.val_files or run_train.get("val_files")
                      or f"data/datasets/fineweb10B_sp{vocab}/fineweb_val_*.bin")
         tokenizer_path = (args.tokenizer_path or run_train.get("tokenizer_path")
