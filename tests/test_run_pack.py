@@ -70,6 +70,27 @@ def test_eval_of_a_run_artifact_defaults_to_the_runs_evaluator(quick_run, tmp_pa
     assert json.loads(out.read_text())["tokens"] == 2047
 
 
+@pytest.mark.slow
+def test_a_later_ttt_eval_joins_the_runs_row(quick_run, tmp_path):
+    """`pgolf eval RUN/model.pgq --mode ttt --out RUN/eval_ttt.json` adds the after-TTT score to the run's row;
+    a non-TTT eval file beside it does not."""
+    import shutil
+
+    from pgolf.bench.runs import run_row
+
+    run = tmp_path / "quick"
+    shutil.copytree(quick_run, run)
+    assert "val_bpb_ttt" not in run_row(run)  # the quick job scores with sliding windows
+    for mode in ("ttt", "chunks"):
+        with pytest.raises(SystemExit):
+            cli_main(["eval", str(run / "model.pgq"), "--device", "cpu", "--mode", mode, "--max-tokens", "2048",
+                      "--ttt-chunk-tokens", "1024", "--out", str(run / f"eval_{mode}.json")])
+    ttt = json.loads((run / "eval_ttt.json").read_text())
+    row = run_row(run)
+    assert row["val_bpb_ttt"] == round(ttt["val_bpb"], 4)
+    assert row["ttt_eval"].startswith("ttt on 2,047 val targets") and row["ttt_eval"].endswith("(eval_ttt.json)")
+
+
 def test_add_run_names_what_is_missing(tmp_path):
     from pgolf.bench.runs import run_row
 

@@ -10,7 +10,7 @@ from pgolf.bench.runs import RUNS_FILE
 COLUMNS = ("bench", "shape", "impl", "median_ms", "tflops", "gbps", "frac_ceiling", "peak_mem_mb", "speedup",
            "tokens_per_s", "mfu", "val_bpb", "gap_bpb", "model_bytes", "projected_8gpu_s")
 RUN_COLUMNS = ("preset", "train_seconds", "steps", "ms_per_step_loop_off", "ms_per_step_loop_on",
-               "tokens_per_s_loop_off", "peak_mem_mb", "val_bpb_prequant", "val_bpb", "total_bytes",
+               "tokens_per_s_loop_off", "peak_mem_mb", "val_bpb_prequant", "val_bpb", "val_bpb_ttt", "total_bytes",
                "launch_to_first_step_s", "command")
 
 
@@ -61,7 +61,7 @@ def _runs_table(rows: list[dict]) -> list[str]:
         cells = ["" if r.get(c) is None else str(r[c]) for c in RUN_COLUMNS]
         parts.append("| " + " | ".join(cells) + f" | {r.get('device')}, {r.get('date')}, {r.get('commit')} |")
     notes = [f"- {r['preset']} ({r['train_seconds']} s): " + "; ".join(f"{k}: {r[k]}" for k in
-             ("prequant_eval", "postquant_eval", "note") if r.get(k)) for r in rows]
+             ("prequant_eval", "postquant_eval", "ttt_eval", "note") if r.get(k)) for r in rows]
     return parts + [""] + notes + [""]
 
 

@@ -1,5 +1,8 @@
 """Training runs as rows of bench/results/runs.json: `pgolf bench --add-run RUN_DIR` reads a `pgolf run` directory
 (config.json, metrics.jsonl, results.json) and records what the table needs, the command that produced it included.
+
+A later `pgolf eval RUN_DIR/model.pgq --mode lora_ttt --out RUN_DIR/eval_lora_ttt.json` (any `eval_*.json` in the
+run directory) adds the artifact's score after test-time training, when the run itself scored without it.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from pgolf.bench.harness import RESULTS_DIR
 from pgolf.train.metrics import METRICS_FILE, read_metrics
 
 RUNS_FILE = "runs"
+LATER_EVALS = "eval_*.json"
+TTT_MODES = ("ttt", "lora_ttt")
 
 
 def _read_json(path: Path) -> Any:
@@ -72,9 +77,25 @@ def run_row(run_dir: str | Path, note: str | None = None) -> dict[str, Any]:
         "commit": (run.get("commit") or "unknown")[:12], "date": (run.get("started") or "")[:10],
         "run_dir": run_dir.name,
     }
+    ttt = _best_ttt_eval(run_dir, results)
+    if ttt is not None:
+        row["val_bpb_ttt"] = _round(ttt[0]["val_bpb"], 4)
+        row["ttt_eval"] = _eval_description(ttt[0]) + (f" ({ttt[1]})" if ttt[1] else "")
     if note:
         row["note"] = note
     return {k: v for k, v in row.items() if v is not None}
+
+
+def _best_ttt_eval(run_dir: Path, results: dict) -> tuple[dict, str] | None:
+    """The lowest-bpb TTT-mode score of the artifact: the run's own evaluation or a later `pgolf eval --out` file."""
+    found = []
+    if isinstance(results.get("eval"), dict) and results["eval"].get("mode") in TTT_MODES:
+        found.append((results["eval"], ""))
+    for path in sorted(run_dir.glob(LATER_EVALS)):
+        ev = _read_json(path)
+        if ev.get("mode") in TTT_MODES and "val_bpb" in ev:
+            found.append((ev, path.name))
+    return min(found, key=lambda f: f[0]["val_bpb"]) if found else None
 
 
 def add_run(run_dir: str | Path, note: str | None = None, directory: Path | None = None) -> Path:
