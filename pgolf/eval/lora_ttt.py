@@ -231,7 +231,6 @@ class LoraScorer:
         self.recorder = recorder
         self.device = model_device(model)
         self.softcap = float(model_setting(model, "logit_softcap", default=0.0) or 0.0)
-        self.tokens_dev = torch.from_numpy(tokens).to(self.device)
         self.banks: dict[int, LoraBank] = {}
 
     def _bank(self, n: int, seed: int) -> LoraBank:
