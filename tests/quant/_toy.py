@@ -1,8 +1,11 @@
-"""A tiny stand-in for the real model: tied embedding/head, a looped block, a final norm, small tensors."""
+"""Small models for the quantization tests: a tiny stand-in for the real model (tied embedding/head, a looped block,
+a final norm, small tensors), and pgolf's own GPT at toy size with every weight drawn at random."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pgolf.model import build_model
 
 
 class Block(nn.Module):
@@ -42,3 +45,19 @@ class Toy(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(ids) * self.gain)
+
+
+def small_gpt_config(model_dim: int) -> dict:
+    """pgolf GPT: vocab 64, 2 layers, 4 heads / 2 KV heads, no lanes or loop, one document per row."""
+    return dict(vocab_size=64, num_layers=2, model_dim=model_dim, num_heads=4, num_kv_heads=2, rope_dims=4,
+                seq_len=16, parallel_from_layer=-1, loop_count=1, max_docs_per_row=0)
+
+
+def random_small_gpt(model_dim: int, std: float) -> nn.Module:
+    """small_gpt_config's model after torch.manual_seed(0), every parameter drawn from N(0, std^2): quantization
+    then has real values to round, and every path of the model matters."""
+    torch.manual_seed(0)
+    model = build_model(small_gpt_config(model_dim))
+    for p in model.parameters():
+        nn.init.normal_(p, std=std)
+    return model

@@ -1,20 +1,17 @@
 """The gap table quantizes one model under every option and scores each against the unquantized model."""
 import torch
 
-from pgolf.model import build_model
 from pgolf.quant.config import QuantConfig
 from pgolf.quant.gap import OPTIONS, gap_rows
 from pgolf.quant.hessian import collect_hessians
 
-CFG = dict(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=4, seq_len=16,
-           parallel_from_layer=-1, loop_count=1, max_docs_per_row=0)
+from ._toy import random_small_gpt, small_gpt_config
+
+CFG = small_gpt_config(64)
 
 
 def trained_stand_in():
-    torch.manual_seed(0)
-    model = build_model(CFG)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    model = random_small_gpt(64, std=0.05)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ids = torch.randint(4, 64, (4, 16))
     ids[:, 0] = 1

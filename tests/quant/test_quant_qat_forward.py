@@ -5,15 +5,11 @@ from pgolf.model import build_model
 from pgolf.quant.config import QuantConfig
 from pgolf.quant.qat import QATForward, fake_quantize, qat_plan
 
-CFG = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, seq_len=16,
-           parallel_from_layer=-1, loop_count=1, max_docs_per_row=0)
+from ._toy import random_small_gpt, small_gpt_config
 
 
 def test_qat_forward_equals_the_model_on_fake_quantized_weights_with_straight_through_grads():
-    torch.manual_seed(0)
-    model = build_model(CFG)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+    model = random_small_gpt(32, std=0.1)
     plan = qat_plan(model, QuantConfig(quant_min_numel=512))
     assert "blocks.0.mlp.w_up" in plan and "tok_emb.weight" in plan
     ids = torch.randint(4, 64, (2, 16))
@@ -23,7 +19,7 @@ def test_qat_forward_equals_the_model_on_fake_quantized_weights_with_straight_th
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    shadow = build_model(CFG)
+    shadow = build_model(small_gpt_config(32))
     shadow.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name, (bits, k) in plan.items():
