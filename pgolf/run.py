@@ -193,6 +193,7 @@ def run_pipeline(cfgs: dict[str, Any], out_dir: str | Path, preset: str | None =
         "model_bytes": quant_report["model_bytes"], "code_bytes": quant_report["code_bytes"],
         "total_bytes": quant_report["total_bytes"], "quant_seconds": quant_report["quant"]["seconds"],
         "calibration_seconds": quant_report["calibration_seconds"], "preset": preset,
+        "quant_over_budget_fallback": quant_report.get("over_budget_fallback"),
     }
     if info.is_main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -71,6 +71,7 @@ def run_row(run_dir: str | Path, note: str | None = None) -> dict[str, Any]:
         "postquant_eval": _eval_description(results["eval"]) if isinstance(results.get("eval"), dict) else None,
         "model_bytes": results.get("model_bytes"), "code_bytes": results.get("code_bytes"),
         "total_bytes": results.get("total_bytes"),
+        "quant_over_budget_fallback": results.get("quant_over_budget_fallback"),
         "launch_to_first_step_s": _round(events.get("timed_start", {}).get("since_launch_s"), 1),
         "warmup_s": _round(events.get("warmup", {}).get("seconds"), 1),
         "device": run.get("device_name") or run.get("device"), "torch": run.get("torch"),

@@ -598,14 +598,45 @@ def compressor_table(qm: QuantizedModel) -> dict[str, int]:
 
 def export_state_dict(state_dict: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor | None],
                       cfg: QuantConfig, meta: dict[str, Any] | None = None, path: str | os.PathLike | None = None,
-                      device: torch.device | str | None = None, retries: int = 3) -> tuple[QuantizedModel, dict]:
+                      device: torch.device | str | None = None, retries: int = 6) -> tuple[QuantizedModel, dict]:
     """Quantize, pack, account and (within budget, or with report_only) write.
 
     Budget-driven choices (adaptive clip, mixed bits) get a byte budget for codes + row scales: the total budget
     minus code bytes minus an estimate of everything else. The real artifact then corrects that estimate: the
-    quantization is redone with the symbol budget moved by the measured slack (up to `retries` times, stopping
-    within 0.2% under the budget), keeping the largest result that fits.
+    quantization is redone with the symbol budget moved by the measured slack, scaled by how much the artifact
+    moved per byte of symbol budget on the last retry (a secant step: the size model can be off by a factor, and
+    widths move in whole tensors), up to `retries` times, stopping within 0.2% under the budget and keeping the
+    largest result that fits.
+
+    Fixed widths over the budget: with `over_budget="mixed"` (and not `report_only`) the export says so and is
+    redone with widths chosen per tensor under the budget, none wider than the configured ones; the report's
+    `over_budget_fallback` records it. Otherwise, or when even that does not fit, ArtifactTooLarge.
     """
+    qm, blob, report, qreport = _export_within_budget(state_dict, hessians, cfg, meta, device, retries)
+    over = len(blob) + cfg.code_bytes > cfg.artifact_budget_bytes
+    if over and cfg.over_budget == "mixed" and not cfg.report_only and not cfg.mixed_bits:
+        widest = max(cfg.attn_bits, cfg.mlp_bits, cfg.embed_bits)
+        choices = [b for b in cfg.bits_choice_list() if b <= widest] or [widest]
+        fallback = cfg.replace(mixed_bits=True, bits_choices=",".join(map(str, choices)))
+        print(f"pgolf quant: the fixed widths give {len(blob) + cfg.code_bytes:,} B > budget "
+              f"{cfg.artifact_budget_bytes:,} B; quantizing again with widths per tensor from {choices} under the "
+              f"budget (quant.over_budget=mixed; quant.over_budget=error refuses instead)", flush=True)
+        fixed_bytes = len(blob)
+        qm, blob, report, qreport = _export_within_budget(state_dict, hessians, fallback, meta, device, retries)
+        report["over_budget_fallback"] = {"fixed_model_bytes": fixed_bytes, "bits_choices": choices}
+    report["quant"] = qreport
+    report.update(check_budget(len(blob), cfg.code_bytes, cfg.artifact_budget_bytes, cfg.report_only))
+    if path is not None:
+        Path(path).write_bytes(blob)
+        report["path"] = str(path)
+    return qm, report
+
+
+def _export_within_budget(state_dict: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor | None],
+                          cfg: QuantConfig, meta: dict[str, Any] | None, device: torch.device | str | None,
+                          retries: int) -> tuple[QuantizedModel, bytes, dict, dict]:
+    """(quantized model, blob, blob report, quantization report): one pass, or the budget search described in
+    export_state_dict for budget-driven choices (the smallest result when none fits)."""
     from pgolf.quant.gptq import quantize_weights
 
     aliases = find_aliases(state_dict)
@@ -616,21 +647,21 @@ def export_state_dict(state_dict: dict[str, torch.Tensor], hessians: dict[str, t
     other = sum(2 * t.numel() for n, t in state_dict.items() if n not in weights and n not in aliases)
     symbol_budget = float(budget - other - lqer - 1024)
     budget_driven = cfg.mixed_bits or cfg.clip_mode == "adaptive"
-    best = None
+    best, previous = None, None
     for _ in range(retries + 1 if budget_driven else 1):
         qtensors, qreport = quantize_weights(weights, hessians, cfg, symbol_budget=symbol_budget, device=device)
         qm = build_quantized_model(state_dict, qtensors, cfg, meta)
         blob, report = build_blob(qm, cfg.compressor)
         slack = budget - len(blob)
-        if best is None or (slack >= 0 and (len(best[1]) > budget or len(blob) > len(best[1]))):
+        best_fits = best is not None and len(best[1]) <= budget
+        if (best is None or (slack >= 0 and (not best_fits or len(blob) > len(best[1])))
+                or (slack < 0 and not best_fits and len(blob) < len(best[1]))):
             best = (qm, blob, report, qreport)
         if 0 <= slack <= 0.002 * budget:
             break
-        symbol_budget += slack - 0.0005 * budget
-    qm, blob, report, qreport = best
-    report["quant"] = qreport
-    report.update(check_budget(len(blob), cfg.code_bytes, cfg.artifact_budget_bytes, cfg.report_only))
-    if path is not None:
-        Path(path).write_bytes(blob)
-        report["path"] = str(path)
-    return qm, report
+        response = 1.0
+        if previous is not None and symbol_budget != previous[0]:
+            response = min(max((len(blob) - previous[1]) / (symbol_budget - previous[0]), 0.1), 1.0)
+        previous = (symbol_budget, len(blob))
+        symbol_budget += (slack - 0.0005 * budget) / response
+    return best

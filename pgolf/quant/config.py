@@ -77,6 +77,9 @@ class QuantConfig:
     artifact_budget_bytes: int = field(default=16_000_000, metadata={"help": "limit on model bytes + code bytes"})
     code_bytes: int = field(default=0, metadata={"help": "bytes of the submitted code, counted against the budget"})
     report_only: bool = field(default=False, metadata={"help": "report an over-budget artifact instead of refusing it"})
+    over_budget: str = field(default="mixed", metadata={"help": (
+        "fixed widths over the budget: mixed (say so, then choose widths per tensor, none wider than configured, "
+        "under the budget) | error (refuse)")})
 
     def __post_init__(self) -> None:
         for name in ("attn_bits", "mlp_bits", "embed_bits", "lqer_a_bits", "lqer_b_bits"):
@@ -87,6 +90,8 @@ class QuantConfig:
                              "sdclip|absmax|percentile|search|adaptive")
         if self.calib_source not in ("train", "self", "none"):
             raise ValueError(f"QuantConfig.calib_source {self.calib_source!r} is not train|self|none")
+        if self.over_budget not in ("mixed", "error"):
+            raise ValueError(f"QuantConfig.over_budget {self.over_budget!r} is not mixed|error")
         if self.compressor not in ("best", "zstd", "lzma", "brotli", "rans"):
             raise ValueError(f"QuantConfig.compressor {self.compressor!r} is not best|zstd|lzma|brotli|rans")
 
