@@ -78,8 +78,8 @@ class QuantConfig:
     code_bytes: int = field(default=0, metadata={"help": "bytes of the submitted code, counted against the budget"})
     report_only: bool = field(default=False, metadata={"help": "report an over-budget artifact instead of refusing it"})
     over_budget: str = field(default="mixed", metadata={"help": (
-        "fixed widths over the budget: mixed (say so, then choose widths per tensor, none wider than configured, "
-        "under the budget) | error (refuse)")})
+        "fixed widths over the budget: mixed (say so, then choose widths per tensor under the budget, from "
+        "bits_choices up to the widest configured class) | error (refuse)")})
 
     def __post_init__(self) -> None:
         for name in ("attn_bits", "mlp_bits", "embed_bits", "lqer_a_bits", "lqer_b_bits"):
