@@ -23,7 +23,8 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _cfg(**kw) -> QuantConfig:
-    return QuantConfig(calib_source="none", compressor="zstd", quant_min_numel=1000, lqer_rank=0, code_bytes=0, **kw)
+    return QuantConfig(**{"calib_source": "none", "compressor": "zstd", "quant_min_numel": 1000, "lqer_rank": 0,
+                          "code_bytes": 0, **kw})
 
 
 def _size(sd, **kw) -> int:
@@ -58,11 +59,9 @@ def test_mixed_widths_land_under_the_budget_when_sizes_respond_weakly(monkeypatc
 @pytest.mark.parametrize("compressor", ["zstd", "rans"])
 def test_fixed_widths_over_the_budget_fall_back_to_per_tensor_widths(tmp_path, compressor, capsys):
     sd = _state(1)
-    fixed = _size(sd, attn_bits=6, mlp_bits=6, embed_bits=6, over_budget="error") if compressor == "zstd" else \
-        export_state_dict(sd, {}, _cfg(attn_bits=6, mlp_bits=6, embed_bits=6, report_only=True).replace(
-            compressor=compressor), device="cpu")[1]["model_bytes"]
+    fixed = _size(sd, attn_bits=6, mlp_bits=6, embed_bits=6, compressor=compressor)
     budget = int(0.85 * fixed)
-    cfg = _cfg(attn_bits=6, mlp_bits=6, embed_bits=6, artifact_budget_bytes=budget).replace(compressor=compressor)
+    cfg = _cfg(attn_bits=6, mlp_bits=6, embed_bits=6, artifact_budget_bytes=budget, compressor=compressor)
     path = tmp_path / "m.pgq"
     qm, report = export_state_dict(sd, {}, cfg, path=path, device="cpu")
     assert "quant.over_budget=mixed" in capsys.readouterr().out
