@@ -49,6 +49,9 @@ class TrainConfig:
     warmdown_frac: float = field(default=0.85, metadata=_h("fraction of the budget over which the LR decays"))
     lr_floor: float = field(default=0.1, metadata=_h("LR scale never goes below this during warmdown"))
     ema_decay: float = field(default=0.9965, metadata=_h("EMA decay of the weights per step (0 = off)"))
+    ema_warmup: bool = field(default=False, metadata=_h(
+        "EMA decay min(ema_decay, (1+t)/(10+t)) at step t: short runs export trained weights, not their "
+        "initialization; no published system uses it"))
     swa: bool = field(default=False, metadata=_h(
         "stochastic weight averaging; when on, the exported weights are the SWA average (else the EMA)"))
     swa_every: int = field(default=50, metadata=_h("steps between SWA snapshots"))

@@ -117,7 +117,7 @@ class Trainer:
                                   sampler=train_cfg.sampler, seed=train_cfg.seed, device=self.device)
         self.schedule = Schedule.from_config(train_cfg)
         self.averager = WeightAverager(self.model, train_cfg.ema_decay, train_cfg.swa, train_cfg.swa_every,
-                                       train_cfg.swa_start_scale)
+                                       train_cfg.swa_start_scale, train_cfg.ema_warmup)
         self.metrics = MetricsLogger(self.out_dir, enabled=self.info.is_main)
         self.clock = self._new_clock(0.0)
         self.looped = bool(getattr(model_cfg, "looped", False))

@@ -35,6 +35,28 @@ def test_ema_follows_its_formula():
         torch.testing.assert_close(ema.shadow[k].double(), v, rtol=1e-6, atol=1e-7)
 
 
+def test_ema_warmup_follows_its_formula_and_meets_the_plain_decay():
+    torch.manual_seed(3)
+    model = Tiny()
+    d = 0.9965
+    start = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    expected = {k: v.clone() for k, v in start.items()}
+    ema = EMA(model, d, warmup=True)
+    init_share = 1.0
+    for step in range(1, 31):
+        _set(model, lambda p: torch.randn_like(p))
+        ema.update(model, step)
+        rate = min(d, (1 + step) / (10 + step))
+        init_share *= rate
+        for k, v in model.named_parameters():
+            expected[k] = rate * expected[k] + (1 - rate) * v.detach().double()
+    for k, v in expected.items():
+        torch.testing.assert_close(ema.shadow[k].double(), v, rtol=1e-6, atol=1e-7)
+    assert init_share < 0.01 < d ** 30  # a 30-step run keeps <1% of its initialization (plain decay: 90%)
+    assert ema.decay_at(2561) < d == ema.decay_at(2562) == ema.decay_at(10**6)
+    assert EMA(model, d).decay_at(1) == d
+
+
 def test_ema_keeps_fp32_and_exports_model_dtypes():
     torch.manual_seed(2)
     model = Tiny(torch.bfloat16)
