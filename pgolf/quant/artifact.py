@@ -613,21 +613,25 @@ def export_state_dict(state_dict: dict[str, torch.Tensor], hessians: dict[str, t
 
     Fixed widths over the budget: with `over_budget="mixed"` (and not `report_only`) the export says so and is
     redone with widths chosen per tensor under the budget, from bits_choices up to the widest configured class
-    (so a tensor may get more bits than its class had, where the allocator finds the bytes cut the most error);
-    the report's `over_budget_fallback` records it. Otherwise, or when even that does not fit, ArtifactTooLarge.
+    (so a tensor may get more bits than its class had, where the allocator finds the bytes cut the most error),
+    coded by our rANS coder whatever the configured compressor: its size is what the size model predicts (within
+    0.1%), while zstd-22's size moved by -12 kB to +12 kB when rANS moved by -240 kB between width mixes, so a
+    zstd-sized search took 6 passes of ~60 s (CPU, pr578 at full size; notes/quant.md). The report's
+    `over_budget_fallback` records it. Otherwise, or when even that does not fit, ArtifactTooLarge.
     """
     qm, blob, report, qreport = _export_within_budget(state_dict, hessians, cfg, meta, device, retries)
     over = len(blob) + cfg.code_bytes > cfg.artifact_budget_bytes
     if over and cfg.over_budget == "mixed" and not cfg.report_only and not cfg.mixed_bits:
         widest = max(cfg.attn_bits, cfg.mlp_bits, cfg.embed_bits)
         choices = [b for b in cfg.bits_choice_list() if b <= widest] or [widest]
-        fallback = cfg.replace(mixed_bits=True, bits_choices=",".join(map(str, choices)))
+        fallback = cfg.replace(mixed_bits=True, bits_choices=",".join(map(str, choices)), compressor="rans")
         print(f"pgolf quant: the fixed widths give {len(blob) + cfg.code_bytes:,} B > budget "
               f"{cfg.artifact_budget_bytes:,} B; quantizing again with widths per tensor from {choices} under the "
-              f"budget (quant.over_budget=mixed; quant.over_budget=error refuses instead)", flush=True)
+              f"budget, coded by rANS (quant.over_budget=mixed; quant.over_budget=error refuses instead)", flush=True)
         fixed_bytes = len(blob)
         qm, blob, report, qreport = _export_within_budget(state_dict, hessians, fallback, meta, device, retries)
-        report["over_budget_fallback"] = {"fixed_model_bytes": fixed_bytes, "bits_choices": choices}
+        report["over_budget_fallback"] = {"fixed_model_bytes": fixed_bytes, "bits_choices": choices,
+                                          "compressor": "rans"}
     report["quant"] = qreport
     report.update(check_budget(len(blob), cfg.code_bytes, cfg.artifact_budget_bytes, cfg.report_only))
     if path is not None:
@@ -671,12 +675,13 @@ def _export_within_budget(state_dict: dict[str, torch.Tensor], hessians: dict[st
                 best = (qm, blob, report, qreport)
             if 0 <= budget - size <= window * budget:
                 break
-        else:
-            size = estimate
-        slack = budget - size
+        # the secant runs on what responds smoothly to the symbol budget: the artifact itself, or with a slow
+        # compressor the rANS size against the budget over the last measured slow/rANS ratio (that ratio jumps
+        # with the mix of widths: zstd-22 over rANS was 1.022 with 59 int5 tensors and 1.038 with 55)
+        measured, target = (fast, budget / ratio) if proxy else (len(blob), budget)
         response = 1.0
         if previous is not None and symbol_budget != previous[0]:
-            response = min(max((size - previous[1]) / (symbol_budget - previous[0]), 0.1), 1.0)
-        previous = (symbol_budget, size)
-        symbol_budget += (slack - 0.0005 * budget) / response
+            response = min(max((measured - previous[1]) / (symbol_budget - previous[0]), 0.1), 1.0)
+        previous = (symbol_budget, measured)
+        symbol_budget += (target - measured - 0.0005 * target) / response
     return best

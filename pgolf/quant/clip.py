@@ -99,46 +99,71 @@ def entropy_bits(q: torch.Tensor, bits: int) -> float:
 
 
 class SizeModel:
-    """Entropy of a tensor's SDClip codes as a function of k and bits, from a sample of normalized rows.
+    """Entropy of a tensor's codes under its clip rule as a function of k and bits, from a sample of rows.
 
-    With s = k std_row / qmax the codes depend only on z = w / std_row, so one sample serves every k.
+    SDClip (and adaptive): with s = k std_row / qmax the codes depend only on z = w / std_row, so one sample serves
+    every k. Other rules (percentile, absmax, search) set each row's scale themselves and ignore k: their codes are
+    those of `row_scales` on the sampled rows. Sizing those as SDClip codes underestimated a percentile-99.95 int6
+    artifact by ~50% (notes/quant.md), which cost the over-budget fallback extra compression passes.
     """
 
-    def __init__(self, w: torch.Tensor, h_diag: torch.Tensor | None = None, sample_rows: int = 256):
+    def __init__(self, w: torch.Tensor, h_diag: torch.Tensor | None = None, sample_rows: int = 256,
+                 clip_mode: str = "sdclip", percentile: float = 99.95):
         w = w.float()
         self.rows, self.cols = w.shape
         step = max(1, self.rows // sample_rows)
-        sample = w[::step][:sample_rows]
-        std = sample.std(dim=1, correction=0, keepdim=True).clamp_min(1e-12)
-        self.z = sample / std
+        self.sample = w[::step][:sample_rows]
+        self.std = self.sample.std(dim=1, correction=0, keepdim=True).clamp_min(1e-12)
+        self.z = self.sample / self.std
+        self.clip_mode, self.percentile = clip_mode, percentile
         self.row_var = float(w.var(dim=1, correction=0).mean())
         self.h_mean = float(h_diag.float().mean()) if h_diag is not None else 1.0
         self.h_diag = None if h_diag is None else h_diag.float().to(w.device)
         self._cache: dict[tuple[int, int], tuple[float, float]] = {}
+        self._rule_cache: dict[int, tuple[float, float]] = {}
 
     @property
-    def numel(self) -> int:
-        return self.rows * self.cols
+    def k_free(self) -> bool:
+        """True when the clip rule takes k (SDClip, adaptive); False when it sets each row's scale itself."""
+        return self.clip_mode in ("sdclip", "adaptive")
+
+    def _code_stats(self, bits: int, q: torch.Tensor, step_z: torch.Tensor | float) -> tuple[float, float]:
+        """(entropy bits/symbol, mean weighted error in units of the row variance) of codes `q` of the sampled
+        rows with steps `step_z` in z units."""
+        err = (self.z - q * step_z) ** 2
+        if self.h_diag is not None:
+            err = err * self.h_diag[None, :]
+        return entropy_bits(q, bits), float(err.mean())
 
     def _grid_stats(self, bits: int, g: int) -> tuple[float, float]:
         key = (bits, g)
         if key not in self._cache:
-            k = math.exp(g * _LOG_K_STEP)
-            qm = qmax_of(bits)
+            k, qm = math.exp(g * _LOG_K_STEP), qmax_of(bits)
             q = torch.clamp(torch.floor(self.z * (qm / k) + 0.5), -qm, qm)
-            err = (self.z - q * (k / qm)) ** 2
-            if self.h_diag is not None:
-                err = err * self.h_diag[None, :]
-            self._cache[key] = (entropy_bits(q, bits), float(err.mean()))
+            self._cache[key] = self._code_stats(bits, q, k / qm)
         return self._cache[key]
 
+    def _rule_stats(self, bits: int) -> tuple[float, float]:
+        if bits not in self._rule_cache:
+            s = row_scales(self.sample, bits, self.clip_mode, percentile=self.percentile, h_diag=self.h_diag)
+            q = rtn(self.sample, s, qmax_of(bits))
+            self._rule_cache[bits] = self._code_stats(bits, q, s[:, None] / self.std)
+        return self._rule_cache[bits]
+
     def _stats(self, bits: int, k: float) -> tuple[float, float]:
-        """(entropy bits/symbol, error) at k, interpolated in log k between grid points 1% apart (cached)."""
+        """(entropy bits/symbol, error) at k, interpolated in log k between grid points 1% apart (cached);
+        the clip rule's own scales when it ignores k."""
+        if not self.k_free:
+            return self._rule_stats(bits)
         x = math.log(k) / _LOG_K_STEP
         g = math.floor(x)
         lo, hi = self._grid_stats(bits, g), self._grid_stats(bits, g + 1)
         t = x - g
         return lo[0] + t * (hi[0] - lo[0]), lo[1] + t * (hi[1] - lo[1])
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
 
     def nbytes(self, bits: int, k: float) -> float:
         """Estimated compressed bytes of codes plus fp16 row scales."""

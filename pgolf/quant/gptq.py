@@ -187,7 +187,8 @@ def quantize_weights(weights: dict[str, torch.Tensor], hessians: dict[str, torch
 
     # 2. bits and clip k under the budget, then per-row scales
     if symbol_budget is not None and (cfg.mixed_bits or cfg.clip_mode == "adaptive"):
-        models = {n: clip_mod.SizeModel(w_t[n], None if h_t[n] is None else torch.diagonal(h_t[n]))
+        models = {n: clip_mod.SizeModel(w_t[n], None if h_t[n] is None else torch.diagonal(h_t[n]),
+                                        clip_mode=cfg.clip_mode, percentile=cfg.clip_percentile)
                   for n in names}
         if cfg.mixed_bits:
             bits = clip_mod.allocate_bits(models, ks, cfg.bits_choice_list(), symbol_budget)

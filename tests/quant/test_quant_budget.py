@@ -65,7 +65,8 @@ def test_fixed_widths_over_the_budget_fall_back_to_per_tensor_widths(tmp_path, c
     path = tmp_path / "m.pgq"
     qm, report = export_state_dict(sd, {}, cfg, path=path, device="cpu")
     assert "quant.over_budget=mixed" in capsys.readouterr().out
-    assert report["over_budget_fallback"] == {"fixed_model_bytes": fixed, "bits_choices": [4, 5, 6]}
+    assert report["over_budget_fallback"] == {"fixed_model_bytes": fixed, "bits_choices": [4, 5, 6],
+                                              "compressor": "rans"}
     assert report["model_bytes"] <= budget and path.stat().st_size == report["model_bytes"]
     assert {qt.bits for qt in qm.tensors.values()} <= {4, 5, 6}
     state, _ = load_state_dict(path)

@@ -28,3 +28,23 @@ def test_size_model_tracks_entropy_and_k():
     assert abs(m.nbytes(6, 12.0) - exact) / exact < 0.02
     assert m.nbytes(6, 20.0) < m.nbytes(6, 12.0) < m.nbytes(7, 12.0)
     assert m.error(6, 20.0) > m.error(6, 12.0) > m.error(7, 12.0)
+
+
+def test_size_model_follows_rules_that_set_their_own_scales():
+    """percentile / absmax / search ignore k: the model sizes their own codes (SDClip codes were ~35% smaller)."""
+    torch.manual_seed(4)
+    w = 0.02 * torch.randn(300, 384)
+    h_diag = torch.rand(384) + 0.5
+    for mode in ("percentile", "absmax", "search"):
+        m = clip.SizeModel(w, h_diag, clip_mode=mode, percentile=99.95)
+        for bits in (5, 6, 8):
+            s = clip.row_scales(w, bits, mode, percentile=99.95, h_diag=h_diag)
+            q = clip.rtn(w, s, clip.qmax_of(bits))
+            exact = clip.entropy_bits(q, bits) * w.numel() / 8 + 2 * 300
+            assert abs(m.nbytes(bits, 12.0) - exact) / exact < 0.02, (mode, bits)
+            assert m.nbytes(bits, 12.0) == m.nbytes(bits, 20.0)  # k plays no part
+            err = float((((w - q * s[:, None]) ** 2) * h_diag).sum())
+            assert abs(m.error(bits, 12.0) - err) / err < 0.1, (mode, bits)
+        assert m.nbytes(5, 12.0) < m.nbytes(6, 12.0) < m.nbytes(8, 12.0)
+        assert m.error(5, 12.0) > m.error(6, 12.0) > m.error(8, 12.0)
+        assert clip.SizeModel(w, h_diag).nbytes(6, 12.85) < 0.8 * m.nbytes(6, 12.85)
