@@ -615,8 +615,8 @@ def export_state_dict(state_dict: dict[str, torch.Tensor], hessians: dict[str, t
     redone with widths chosen per tensor under the budget, from bits_choices up to the widest configured class
     (so a tensor may get more bits than its class had, where the allocator finds the bytes cut the most error),
     coded by our rANS coder whatever the configured compressor: its size is what the size model predicts (within
-    0.1%), while zstd-22's size moved by -12 kB to +12 kB when rANS moved by -240 kB between width mixes, so a
-    zstd-sized search took 6 passes of ~60 s (CPU, pr578 at full size; notes/quant.md). The report's
+    0.1%), while zstd-22's size rose by 12 kB where rANS fell by 233 kB between two width mixes, so a zstd-sized
+    search took 6 passes of ~60 s (CPU, pr578 at full size; notes/quant.md). The report's
     `over_budget_fallback` records it. Otherwise, or when even that does not fit, ArtifactTooLarge.
     """
     qm, blob, report, qreport = _export_within_budget(state_dict, hessians, cfg, meta, device, retries)
