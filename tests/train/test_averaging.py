@@ -55,6 +55,8 @@ def test_ema_warmup_follows_its_formula_and_meets_the_plain_decay():
     assert init_share < 0.01 < d ** 30  # a 30-step run keeps <1% of its initialization (plain decay: 90%)
     assert ema.decay_at(2561) < d == ema.decay_at(2562) == ema.decay_at(10**6)
     assert EMA(model, d).decay_at(1) == d
+    avg = WeightAverager(model, d, ema_warmup=True)
+    assert avg.ema.warmup and "warm-up" in avg.describe()
 
 
 def test_ema_keeps_fp32_and_exports_model_dtypes():
