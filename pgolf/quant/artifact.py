@@ -677,7 +677,7 @@ def _export_within_budget(state_dict: dict[str, torch.Tensor], hessians: dict[st
                 break
         # the secant runs on what responds smoothly to the symbol budget: the artifact itself, or with a slow
         # compressor the rANS size against the budget over the last measured slow/rANS ratio (that ratio jumps
-        # with the mix of widths: zstd-22 over rANS was 1.022 with 59 int5 tensors and 1.038 with 55)
+        # with the mix of widths: zstd-22 over rANS was 1.022 with 59 int5 tensors and 1.038 with 54)
         measured, target = (fast, budget / ratio) if proxy else (len(blob), budget)
         response = 1.0
         if previous is not None and symbol_budget != previous[0]:
