@@ -29,6 +29,7 @@ from pgolf.quant.bits import qmax as qmax_of
 
 _SCALE_FLOOR = 1e-6
 _LOG_K_STEP = 0.01  # grid of the size model in log k
+K_RULES = ("sdclip", "adaptive")  # clip rules whose scale is k std(row) / qmax; the others set each row's scale
 
 
 def round_scale(s: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ def search_scales(w: torch.Tensor, bits: int, h_diag: torch.Tensor | None = None
 def row_scales(w: torch.Tensor, bits: int, mode: str, k: float | None = None, percentile: float = 99.95,
                h_diag: torch.Tensor | None = None) -> torch.Tensor:
     """The per-row scales of one matrix under one rule ("adaptive" is SDClip with a searched k)."""
-    if mode in ("sdclip", "adaptive"):
+    if mode in K_RULES:
         if k is None:
             raise ValueError(f"row_scales: clip mode {mode!r} needs k")
         return sdclip_scales(w, bits, k)
@@ -123,9 +124,13 @@ class SizeModel:
         self._rule_cache: dict[int, tuple[float, float]] = {}
 
     @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    @property
     def k_free(self) -> bool:
         """True when the clip rule takes k (SDClip, adaptive); False when it sets each row's scale itself."""
-        return self.clip_mode in ("sdclip", "adaptive")
+        return self.clip_mode in K_RULES
 
     def _code_stats(self, bits: int, q: torch.Tensor, step_z: torch.Tensor | float) -> tuple[float, float]:
         """(entropy bits/symbol, mean weighted error in units of the row variance) of codes `q` of the sampled
@@ -160,10 +165,6 @@ class SizeModel:
         lo, hi = self._grid_stats(bits, g), self._grid_stats(bits, g + 1)
         t = x - g
         return lo[0] + t * (hi[0] - lo[0]), lo[1] + t * (hi[1] - lo[1])
-
-    @property
-    def numel(self) -> int:
-        return self.rows * self.cols
 
     def nbytes(self, bits: int, k: float) -> float:
         """Estimated compressed bytes of codes plus fp16 row scales."""

@@ -41,7 +41,7 @@ class EMA:
         return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int = 0) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
         """Fold in the weights after optimizer step `step` (1-based; only the warm-up reads it)."""
         decay = self.decay_at(step)
         current = _float_items(model)
