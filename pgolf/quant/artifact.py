@@ -45,7 +45,9 @@ MAGIC = b"PGQA"
 VERSION = 1
 BUDGET_BYTES = 16_000_000
 _STREAM_HEADER = struct.Struct("<8sBBIII")
-_METHODS = ["none", "zstd", "lzma", "brotli"]
+_METHODS = ["none", "zstd", "lzma", "brotli", "zlib"]  # index stored in each stream header: append only
+# what compressor="best" tries (zlib-9 is only there to reproduce the naive baseline: never smaller than zstd-22)
+BEST_METHODS = ("zstd", "lzma", "brotli")
 _CODECS = ["plain", "rowsort", "packed", "rans", "shuffle"]
 _GROUP_CHOICES = [(1, 1), (1, 4), (4, 1), (4, 4), (1, 16), (16, 1)]
 _FP16_MAX = 65504.0
@@ -248,10 +250,11 @@ def _symbol_variants(qm: QuantizedModel, codec: str) -> tuple[bytes, bytes, dict
 
 def _candidates(kind: str, compressor: str) -> list[tuple[str, str]]:
     """(codec, method) pairs tried for a stream kind under the `compressor` setting."""
-    methods = [m for m in ("zstd", "lzma", "brotli") if m in cz.available_methods()]
+    methods = [m for m in BEST_METHODS if m in cz.available_methods()]
     if compressor not in ("best", "rans"):
-        if compressor not in methods:
-            raise ArtifactError(f"compressor {compressor!r} is not available here (have {methods})")
+        have = [m for m in cz.available_methods() if m != "none"]
+        if compressor not in have:
+            raise ArtifactError(f"compressor {compressor!r} is not available here (have {have})")
         methods = [compressor]
     if kind == "sym":
         pairs = [("rans", "none")] if compressor in ("best", "rans") else []
@@ -588,7 +591,7 @@ def compressor_table(qm: QuantizedModel) -> dict[str, int]:
     `codes_entropy_*` rows are the codes' entropy floors (see code_entropy_bytes), for scale.
     """
     best_blob, report = build_blob(qm, "best")
-    out = {m: report["tried"][f"solid:{m}"] for m in ("zstd", "lzma", "brotli") if f"solid:{m}" in report["tried"]}
+    out = {m: report["tried"][f"solid:{m}"] for m in BEST_METHODS if f"solid:{m}" in report["tried"]}
     out["rans"] = len(build_blob(qm, "rans")[0])
     out["best"] = len(best_blob)
     out["best_layout"] = report["layout"]

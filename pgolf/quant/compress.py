@@ -1,4 +1,5 @@
-"""Byte compressors (zstd-22, lzma preset 9|extreme, brotli-11 with a 2^24 window) and our own rANS coder.
+"""Byte compressors (zstd-22, lzma preset 9|extreme, brotli-11 with a 2^24 window, zlib-9 as the naive baseline
+used) and our own rANS coder.
 
 The rANS coder codes small-alphabet symbols (uint8 codes of quantized weights) with static frequency tables,
 one per context (a tensor, or a row/column group of a tensor), so it reaches the order-0 entropy of each
@@ -40,7 +41,7 @@ class CompressionError(ValueError):
 
 
 def available_methods() -> list[str]:
-    out = ["none", "lzma"]
+    out = ["none", "lzma", "zlib"]
     if zstandard is not None:
         out.append("zstd")
     if brotli is not None:
@@ -61,6 +62,8 @@ def compress_bytes(data: bytes, method: str) -> bytes:
         return bytes(data)
     if method == "lzma":
         return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    if method == "zlib":
+        return zlib.compress(data, 9)
     if method == "zstd":
         return _library("zstd").ZstdCompressor(level=22).compress(data)
     if method == "brotli":
@@ -74,6 +77,8 @@ def decompress_bytes(data: bytes, method: str) -> bytes:
             return bytes(data)
         if method == "lzma":
             return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+        if method == "zlib":
+            return zlib.decompress(data)
         if method == "zstd":
             return _library("zstd").ZstdDecompressor().decompress(data)
         if method == "brotli":

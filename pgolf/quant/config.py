@@ -73,7 +73,7 @@ class QuantConfig:
     # artifact
     compressor: str = field(default="rans", metadata={"help": "rans (ours: seconds, and what best chose on a trained "
                                                              "model) | best (tries every layout and codec: "
-                                                             "minutes) | zstd | lzma | brotli"})
+                                                             "minutes) | zstd | lzma | brotli | zlib"})
     artifact_budget_bytes: int = field(default=16_000_000, metadata={"help": "limit on model bytes + code bytes"})
     code_bytes: int = field(default=0, metadata={"help": "bytes of the submitted code, counted against the budget"})
     report_only: bool = field(default=False, metadata={"help": "report an over-budget artifact instead of refusing it"})
@@ -92,8 +92,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.calib_source {self.calib_source!r} is not train|self|none")
         if self.over_budget not in ("mixed", "error"):
             raise ValueError(f"QuantConfig.over_budget {self.over_budget!r} is not mixed|error")
-        if self.compressor not in ("best", "zstd", "lzma", "brotli", "rans"):
-            raise ValueError(f"QuantConfig.compressor {self.compressor!r} is not best|zstd|lzma|brotli|rans")
+        if self.compressor not in ("best", "zstd", "lzma", "brotli", "zlib", "rans"):
+            raise ValueError(f"QuantConfig.compressor {self.compressor!r} is not best|zstd|lzma|brotli|zlib|rans")
 
     # helpers used by the whole package, so that QAT and export classify tensors the same way
     def patterns(self, name: str) -> list[str]:

@@ -17,6 +17,8 @@ def test_unknown_or_broken_streams_raise():
         cz.compress_bytes(b"a", "zip")
     with pytest.raises(cz.CompressionError):
         cz.decompress_bytes(b"\xff" * 64, "lzma")
+    with pytest.raises(cz.CompressionError):
+        cz.decompress_bytes(cz.compress_bytes(b"weights" * 100, "zlib")[:-9], "zlib")
 
 
 @pytest.mark.parametrize("n,ctxs", [(0, 1), (1, 1), (5, 2), (4097, 3), (60_001, 5)])
