@@ -252,7 +252,7 @@ def _candidates(kind: str, compressor: str) -> list[tuple[str, str]]:
     """(codec, method) pairs tried for a stream kind under the `compressor` setting."""
     methods = [m for m in BEST_METHODS if m in cz.available_methods()]
     if compressor not in ("best", "rans"):
-        have = [m for m in cz.available_methods() if m != "none"]
+        have = [m for m in cz.METHODS if m in cz.available_methods()]
         if compressor not in have:
             raise ArtifactError(f"compressor {compressor!r} is not available here (have {have})")
         methods = [compressor]

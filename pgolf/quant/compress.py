@@ -40,13 +40,13 @@ class CompressionError(ValueError):
     """A compressed stream that cannot be decoded (corrupt, truncated, or an unknown method)."""
 
 
+# the byte compressors a QuantConfig may name (zstd and brotli need their packages; see available_methods)
+METHODS = ("zstd", "lzma", "brotli", "zlib")
+
+
 def available_methods() -> list[str]:
-    out = ["none", "lzma", "zlib"]
-    if zstandard is not None:
-        out.append("zstd")
-    if brotli is not None:
-        out.append("brotli")
-    return out
+    missing = {"zstd": zstandard is None, "brotli": brotli is None}
+    return ["none"] + [m for m in METHODS if not missing.get(m, False)]
 
 
 def _library(method: str):

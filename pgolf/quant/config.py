@@ -10,7 +10,10 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from pgolf.quant.compress import METHODS as BYTE_METHODS
+
 TENSOR_CLASSES = ("attn", "mlp", "embed")
+COMPRESSORS = ("best", "rans", *BYTE_METHODS)
 
 
 @dataclass
@@ -92,8 +95,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.calib_source {self.calib_source!r} is not train|self|none")
         if self.over_budget not in ("mixed", "error"):
             raise ValueError(f"QuantConfig.over_budget {self.over_budget!r} is not mixed|error")
-        if self.compressor not in ("best", "zstd", "lzma", "brotli", "zlib", "rans"):
-            raise ValueError(f"QuantConfig.compressor {self.compressor!r} is not best|zstd|lzma|brotli|zlib|rans")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"QuantConfig.compressor {self.compressor!r} is not {'|'.join(COMPRESSORS)}")
 
     # helpers used by the whole package, so that QAT and export classify tensors the same way
     def patterns(self, name: str) -> list[str]:
