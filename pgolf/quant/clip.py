@@ -128,7 +128,7 @@ class SizeModel:
         return self.rows * self.cols
 
     @property
-    def k_free(self) -> bool:
+    def takes_k(self) -> bool:
         """True when the clip rule takes k (SDClip, adaptive); False when it sets each row's scale itself."""
         return self.clip_mode in K_RULES
 
@@ -158,7 +158,7 @@ class SizeModel:
     def _stats(self, bits: int, k: float) -> tuple[float, float]:
         """(entropy bits/symbol, error) at k, interpolated in log k between grid points 1% apart (cached);
         the clip rule's own scales when it ignores k."""
-        if not self.k_free:
+        if not self.takes_k:
             return self._rule_stats(bits)
         x = math.log(k) / _LOG_K_STEP
         g = math.floor(x)
