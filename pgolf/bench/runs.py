@@ -75,7 +75,7 @@ def run_row(run_dir: str | Path, note: str | None = None) -> dict[str, Any]:
         "launch_to_first_step_s": _round(events.get("timed_start", {}).get("since_launch_s"), 1),
         "warmup_s": _round(events.get("warmup", {}).get("seconds"), 1),
         "device": run.get("device_name") or run.get("device"), "torch": run.get("torch"),
-        "commit": (run.get("commit") or "unknown")[:12], "date": (run.get("started") or "")[:10],
+        "commit": run.get("commit") or "unknown", "date": (run.get("started") or "")[:10],
         "run_dir": run_dir.name,
     }
     ttt = _best_ttt_eval(run_dir, results)
