@@ -250,9 +250,10 @@ def _symbol_variants(qm: QuantizedModel, codec: str) -> tuple[bytes, bytes, dict
 
 def _candidates(kind: str, compressor: str) -> list[tuple[str, str]]:
     """(codec, method) pairs tried for a stream kind under the `compressor` setting."""
-    methods = [m for m in BEST_METHODS if m in cz.available_methods()]
+    available = cz.available_methods()
+    methods = [m for m in BEST_METHODS if m in available]
     if compressor not in ("best", "rans"):
-        have = [m for m in cz.METHODS if m in cz.available_methods()]
+        have = [m for m in available if m != "none"]
         if compressor not in have:
             raise ArtifactError(f"compressor {compressor!r} is not available here (have {have})")
         methods = [compressor]
